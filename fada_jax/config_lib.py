@@ -1,0 +1,165 @@
+"""The published FADA configurations, built in one place.
+
+Every file in `configs/` is a thin `get_config()` over `make_config(task, stage, arch)`,
+so the six published settings (GTA5 or SYNTHIA to Cityscapes, three stages each) and the
+synthetic demo share one definition of every field. The numbers are those of the PyTorch
+release (see the project README); a deliberate difference is a field whose default is
+the published behaviour.
+"""
+
+import ml_collections
+
+from fada_jax.errors import UserError
+
+TASKS = ('g2c', 's2c', 'demo')
+STAGES = ('source_only', 'adversarial', 'self_distill')
+ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16')
+
+# Fields that describe the experiment rather than one stage: `--mode=pipeline` carries
+# them from the user's config into the configs of every stage it runs.
+SHARED_FIELDS = (
+    'seed', 'log_every',
+    'model.arch', 'model.num_classes', 'model.dtype', 'model.remat', 'model.width',
+    'data.root', 'data.format', 'data.workers', 'data.skip_corrupt', 'data.synthetic_size',
+    'eval.batch_size',
+)
+
+_SOURCE = {'g2c': 'gta5', 's2c': 'synthia', 'demo': 'synthetic_source'}
+_TARGET = {'g2c': 'cityscapes', 's2c': 'cityscapes', 'demo': 'synthetic_target'}
+_SOURCE_SIZE = {'g2c': (1280, 720), 's2c': (1280, 760), 'demo': (160, 80)}
+_NUM_CLASSES = {'g2c': 19, 's2c': 16, 'demo': 19}
+
+
+def _solver(stage, task):
+  """Learning rates and schedule lengths of the release, per stage."""
+  solver = ml_collections.ConfigDict()
+  if stage == 'adversarial':
+    solver.base_lr, solver.base_lr_d = 2.5e-4, 1e-4
+    solver.max_iter, solver.stop_iter = 62500, 40000
+  else:
+    solver.base_lr, solver.base_lr_d = 5e-4, 1e-4
+    solver.max_iter, solver.stop_iter = 31250, 20000
+  solver.batch_size = 8  # global; stage 2 splits it into 4 source + 4 target
+  solver.classifier_lr_mult = 10.0
+  solver.momentum = 0.9
+  solver.weight_decay = 5e-4
+  solver.lr_power = 0.9
+  solver.adam_b1 = 0.9
+  solver.adam_b2 = 0.99
+  solver.checkpoint_every = 2000
+  solver.keep_checkpoints = 3
+  solver.temperature = 1.8      # stage 2: source and target logits are divided by it
+  solver.soft_label_max = 0.9   # stage 2: soft labels clipped (not renormalised) at this
+  solver.adv_weight = 0.001     # stage 2: weight of the generator's adversarial loss
+  if task == 'demo':
+    # Small networks from scratch: a larger rate, a short schedule, frequent saves.
+    solver.base_lr, solver.base_lr_d = 1e-2, 1e-4
+    solver.max_iter = {'source_only': 400, 'adversarial': 400, 'self_distill': 300}[stage]
+    solver.stop_iter = solver.max_iter
+    solver.checkpoint_every = 100
+  return solver
+
+
+def make_config(task: str, stage: str, arch: str | None = None) -> ml_collections.ConfigDict:
+  """Returns the locked config of one stage of one task (`g2c`, `s2c` or `demo`)."""
+  if task not in TASKS:
+    raise ValueError(f'unknown task {task!r}; expected one of {TASKS}')
+  if stage not in STAGES:
+    raise ValueError(f'unknown stage {stage!r}; expected one of {STAGES}')
+  arch = arch or ('resnet18' if task == 'demo' else 'resnet101')
+  if arch not in ARCHS:
+    raise ValueError(f'unknown arch {arch!r}; expected one of {ARCHS}')
+  demo = task == 'demo'
+
+  config = ml_collections.ConfigDict()
+  config.task = task
+  config.stage = stage
+  config.seed = 0
+  config.log_every = 10 if demo else 20
+  # Stage 1 and 3 start from converted ImageNet weights, stage 2 from stage 1's
+  # checkpoint; '' is random initialisation (the demo's choice: nothing to download).
+  config.init_checkpoint = ''
+
+  config.model = ml_collections.ConfigDict()
+  config.model.arch = arch
+  config.model.num_classes = _NUM_CLASSES[task]
+  # The release freezes BN everywhere except GTA5 self-distillation. The demo trains a
+  # small ResNet from scratch, which needs trainable BN to learn at all.
+  config.model.freeze_bn = not (demo or (task == 'g2c' and stage == 'self_distill'))
+  config.model.dtype = 'float32'
+  config.model.remat = False
+  config.model.width = 16 if demo else 64
+
+  config.data = ml_collections.ConfigDict()
+  config.data.root = ''
+  config.data.format = 'folder'
+  config.data.source = 'cityscapes_pseudo' if stage == 'self_distill' else _SOURCE[task]
+  if demo and stage == 'self_distill':
+    config.data.source = 'synthetic_target_pseudo'
+  config.data.target = _TARGET[task]
+  config.data.source_size = (320, 160) if demo and stage == 'self_distill' else _SOURCE_SIZE[task]
+  config.data.target_size = (160, 80) if demo else (1024, 512)
+  config.data.test_size = (160, 80) if demo else (
+      (2048, 1024) if stage == 'self_distill' else (1024, 512))
+  # Stage 3 only: random scale of the full image, then a crop of this size.
+  config.data.crop_size = (160, 80) if demo else (1024, 512)
+  config.data.scale_range = (0.5, 1.5)
+  config.data.flip = stage == 'self_distill'
+  config.data.color_jitter = (0.0, 0.0, 0.0, 0.0) if stage == 'source_only' else (
+      0.5, 0.5, 0.5, 0.2)
+  config.data.normalization = 'caffe' if arch == 'vgg16' else 'imagenet'
+  config.data.pseudo_label_dir = ''
+  config.data.workers = 0 if demo else 4
+  config.data.skip_corrupt = False
+  config.data.synthetic_size = 400  # frames per synthetic split
+
+  config.solver = _solver(stage, task)
+  if demo:
+    config.solver.batch_size = 8
+
+  config.eval = ml_collections.ConfigDict()
+  config.eval.split = 'val'
+  config.eval.batch_size = 8 if demo else 2
+  config.eval.flip = False
+  config.eval.scales = (1.0,)
+  config.eval.save_predictions = False
+
+  config.lock()
+  return config
+
+
+
+def validate(config: ml_collections.ConfigDict) -> None:
+  """Checks the values a typo or a wrong override can break; raises `UserError`."""
+  choices = {'task': TASKS, 'stage': STAGES, 'model.arch': ARCHS,
+             'model.dtype': ('float32', 'bfloat16'), 'data.format': ('folder', 'array_record'),
+             'data.normalization': ('imagenet', 'caffe')}
+  for field, allowed in choices.items():
+    value = _get(config, field)
+    if value not in allowed:
+      raise UserError(f'config.{field}={value!r} is not one of {", ".join(allowed)}')
+  for field in ('data.source_size', 'data.target_size', 'data.test_size', 'data.crop_size'):
+    size = _get(config, field)
+    if len(size) != 2 or any(not isinstance(v, int) or v <= 0 for v in size):
+      raise UserError(f'config.{field}={tuple(size)} must be (width, height), positive integers')
+  if len(config.data.color_jitter) != 4 or min(config.data.color_jitter) < 0:
+    raise UserError(f'config.data.color_jitter={tuple(config.data.color_jitter)} must be 4 '
+                    'non-negative strengths (brightness, contrast, saturation, hue)')
+  if not config.eval.scales or min(config.eval.scales) <= 0:
+    raise UserError(f'config.eval.scales={tuple(config.eval.scales)} must be positive')
+  for field in ('solver.batch_size', 'solver.max_iter', 'solver.stop_iter',
+                'solver.checkpoint_every', 'model.num_classes', 'eval.batch_size'):
+    if _get(config, field) <= 0:
+      raise UserError(f'config.{field}={_get(config, field)} must be positive')
+  if config.solver.stop_iter > config.solver.max_iter:
+    raise UserError(f'config.solver.stop_iter={config.solver.stop_iter} exceeds '
+                    f'config.solver.max_iter={config.solver.max_iter}')
+  if config.stage == 'adversarial' and config.solver.batch_size % 2:
+    raise UserError(f'config.solver.batch_size={config.solver.batch_size} must be even in '
+                    'the adversarial stage (half source, half target)')
+
+
+def _get(config, dotted):
+  for key in dotted.split('.'):
+    config = config[key]
+  return config

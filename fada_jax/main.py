@@ -1,0 +1,111 @@
+"""Command line: `python -m fada_jax.main --config=CONFIG --workdir=DIR [--mode=...]`.
+
+Parses flags and hands off; all the work happens in `train.loop`, `evaluate` and
+`pipeline`.
+"""
+
+import os
+import sys
+
+from absl import app
+from absl import flags
+from absl import logging
+from ml_collections import config_flags
+
+from fada_jax import config_lib
+from fada_jax.errors import UserError
+
+_CONFIG = config_flags.DEFINE_config_file(
+    'config', None, 'Config file, e.g. configs/g2c_adv.py or configs/g2c_adv.py:vgg16.',
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
+_MODE = flags.DEFINE_enum(
+    'mode', 'train', ['train', 'eval', 'pseudo_label', 'pipeline'],
+    'train: the stage the config describes; eval: evaluate --checkpoint on the target '
+    'split; pseudo_label: write stage-3 labels of --checkpoint for the target training '
+    'split; pipeline: stage 1 -> 2 -> 3 with an evaluation after each.')
+_CHECKPOINT = flags.DEFINE_string(
+    'checkpoint', None, 'eval / pseudo_label: a checkpoint folder, or a folder of several.')
+_OUTPUT = flags.DEFINE_string(
+    'output', None, 'pseudo_label: output folder (default WORKDIR/pseudo_labels).')
+_COORDINATOR = flags.DEFINE_string(
+    'coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
+_NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: process count.')
+_PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+
+flags.mark_flags_as_required(['config', 'workdir'])
+
+
+def _run(argv):
+  if len(argv) > 1:
+    raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  config = _CONFIG.value
+  workdir = _WORKDIR.value
+  config_lib.validate(config)
+
+  # Imported here so that `--help` and flag errors answer without loading JAX.
+  from fada_jax.train import parallel
+  parallel.initialize_distributed(
+      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+
+  mode = _MODE.value
+  if mode == 'train':
+    from fada_jax.train import loop
+    loop.train_and_evaluate(config, workdir)
+  elif mode == 'eval':
+    from fada_jax import evaluate
+    if not _CHECKPOINT.value:
+      raise UserError('--mode=eval needs --checkpoint=PATH')
+    evaluate.run_eval(config, _CHECKPOINT.value, workdir)
+  elif mode == 'pseudo_label':
+    from fada_jax import evaluate
+    if not _CHECKPOINT.value:
+      raise UserError('--mode=pseudo_label needs --checkpoint=PATH')
+    evaluate.run_pseudo_label(config, _CHECKPOINT.value, _OUTPUT.value or f'{workdir}/pseudo_labels')
+  elif mode == 'pipeline':
+    from fada_jax import pipeline
+    pipeline.run_pipeline(config, workdir)
+
+
+def main(argv):
+  try:
+    _run(argv)
+  except UserError as e:
+    logging.flush()
+    print(f'error: {e}', file=sys.stderr)
+    sys.exit(2)
+  except KeyboardInterrupt:
+    print('interrupted; rerun the same command to resume', file=sys.stderr)
+    sys.exit(130)
+
+
+def _fail(message):
+  print(f'error: {message}', file=sys.stderr)
+  sys.exit(2)
+
+
+def parse_flags(argv):
+  """absl's parser, with one-line errors for a wrong config path, field or value."""
+  for arg in argv[1:]:
+    if arg.startswith('--config='):
+      path = arg[len('--config='):].split(':', 1)[0]
+      if not os.path.isfile(path):
+        _fail(f'config file not found: {path}')
+  try:
+    return flags.FLAGS(argv)
+  except flags.UnrecognizedFlagError as e:
+    name = e.flagname
+    if name.startswith('config.'):
+      _fail(f'unknown config field: {name[len("config."):]}')
+    _fail(f'unknown flag: --{name}')
+  except flags.Error as e:
+    # A config file that fails to load carries the whole traceback in its message;
+    # its last line names the problem.
+    _fail(str(e).strip().splitlines()[-1])
+  except (AttributeError, KeyError, TypeError, ValueError) as e:
+    message = str(e).strip('\'"').replace('\\n', ' ').replace('\\\'', '')
+    _fail(f'bad config override: {" ".join(message.split())}')
+
+
+if __name__ == '__main__':
+  app.run(main, flags_parser=parse_flags)
