@@ -145,10 +145,9 @@ def save_model(path: str | os.PathLike, variables: Variables, meta: Meta,
   meta = dict(meta, format=MODEL_FORMAT, format_version=MODEL_FORMAT_VERSION,
               parts=sorted(variables))
   try:
-    meta_text = json.dumps(meta)
+    json.dumps(meta)
   except TypeError as e:
     raise ValueError(f'model meta is not JSON-serialisable: {e}') from None
-  del meta_text
   staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
   try:
     _save_tree(staging / VARIABLES_DIR, _to_numpy_tree(variables))
