@@ -44,9 +44,8 @@ def _run(argv):
   config_lib.validate(config)
 
   # Imported here so that `--help` and flag errors answer without loading JAX.
-  from fada_jax.train import parallel
-  parallel.initialize_distributed(
-      _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
+  from fada_jax.train import distributed
+  distributed.initialize(_COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value)
 
   mode = _MODE.value
   if mode == 'train':
