@@ -1,0 +1,77 @@
+"""Per-frame work of the preparation: check the image, read and map the label, encode.
+
+Frames are listed and labels decoded by the folder sources (`fada_jax.data.sources`), so a
+prepared dataset holds what a folder source reads. Runs in worker processes, so it imports
+only numpy, PIL and the data modules (no TFDS).
+"""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from PIL import Image
+
+from fada_jax.data import sources as sources_lib
+from fada_jax.errors import UserError
+
+
+def image_size(path: str, data: bytes) -> tuple[int, int]:
+  """(width, height) of an encoded image, checked for corruption without a full decode."""
+  try:
+    with Image.open(io.BytesIO(data)) as image:
+      size = image.size
+      image.verify()  # Chunk CRCs and structure.
+    return size
+  except (OSError, SyntaxError, ValueError) as error:
+    raise sources_lib.CorruptFileError(f"corrupt or truncated image file {path}: {error}") from None
+
+
+def encode_png(label: np.ndarray) -> bytes:
+  buffer = io.BytesIO()
+  Image.fromarray(np.ascontiguousarray(label, np.uint8), mode="L").save(
+      buffer, format="PNG", compress_level=6)
+  return buffer.getvalue()
+
+
+def present_classes(train_ids: np.ndarray, num_classes: int) -> np.ndarray:
+  """The sorted train ids (< num_classes) that occur in a label map, as uint8."""
+  counts = np.bincount(train_ids.ravel(), minlength=256)
+  return np.flatnonzero(counts[:num_classes]).astype(np.uint8)
+
+
+def encode_example(source: sources_lib.FolderSource, index: int) -> dict[str, Any]:
+  """The stored record of frame `index` of a folder source."""
+  image_path = source.image_paths[index]
+  try:
+    with open(image_path, "rb") as f:
+      image_bytes = f.read()
+  except FileNotFoundError:
+    raise UserError(f"image file missing: {image_path}") from None
+  width, height = image_size(image_path, image_bytes)
+  train_ids = source.read_label(index)
+  if train_ids.shape != (height, width):
+    # As the folder source does: a few GTA5 labels differ in size from their image.
+    train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
+  return {"image": image_bytes, "label": encode_png(train_ids), "name": source.names[index],
+          "classes": present_classes(train_ids, source.num_classes)}
+
+
+_worker_source: sources_lib.FolderSource | None = None
+
+
+def init_worker(source: sources_lib.FolderSource) -> None:
+  global _worker_source
+  _worker_source = source
+
+
+def encode_in_worker(args: tuple[int, bool]) -> tuple[int, dict[str, Any] | str]:
+  """(index, record) or, for a corrupt frame when skipping those, (index, error message)."""
+  index, skip_corrupt = args
+  try:
+    return index, encode_example(_worker_source, index)
+  except sources_lib.CorruptFileError as error:
+    if not skip_corrupt:
+      raise
+    return index, str(error)
