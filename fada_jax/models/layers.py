@@ -1,5 +1,6 @@
 """Shared building blocks: batch norm (frozen or trainable), torch-style inits, resize."""
 
+import functools
 from typing import Any, Optional, Sequence
 
 import flax.linen as nn
@@ -118,31 +119,28 @@ class BatchNorm(nn.Module):
     return x.astype(dtype) * multiplier.astype(dtype) + shift.astype(dtype)
 
 
+@functools.lru_cache(maxsize=256)
 def _align_corners_taps(in_size: int, out_size: int):
-  """Source indices (lo, hi) and the weight of hi for each output position, as torch's
+  """Source indices (lo, hi) and their weights for each output position, as torch's
   bilinear align_corners=True computes them (source = dst * (in-1)/(out-1); 0 if out==1)."""
   scale = (in_size - 1) / (out_size - 1) if out_size > 1 else 0.0
   src = np.arange(out_size, dtype=np.float64) * scale
   lo = np.minimum(np.floor(src).astype(np.int32), in_size - 1)
   hi = np.minimum(lo + 1, in_size - 1)
   weight_hi = (src - lo).astype(np.float32)
-  return lo, hi, weight_hi
+  weight_lo = np.float32(1.0) - weight_hi
+  return lo, hi, weight_lo, weight_hi
 
 
 def _resize_axis(x: jax.Array, axis: int, out_size: int) -> jax.Array:
-  in_size = x.shape[axis]
-  if in_size == out_size:
-    return x
-  lo, hi, weight_hi = _align_corners_taps(in_size, out_size)
+  lo, hi, weight_lo, weight_hi = _align_corners_taps(x.shape[axis], out_size)
   shape = [1] * x.ndim
   shape[axis] = out_size
-  weight_lo = jnp.asarray(1.0 - weight_hi, x.dtype).reshape(shape)
-  weight_hi = jnp.asarray(weight_hi, x.dtype).reshape(shape)
-  x_lo = jnp.take(x, jnp.asarray(lo), axis=axis, indices_are_sorted=True,
-                  unique_indices=False, mode="clip")
-  x_hi = jnp.take(x, jnp.asarray(hi), axis=axis, indices_are_sorted=True,
-                  unique_indices=False, mode="clip")
-  return x_lo * weight_lo + x_hi * weight_hi
+  x_lo = jnp.take(x, jnp.asarray(lo), axis=axis, indices_are_sorted=True, mode="clip")
+  x_hi = jnp.take(x, jnp.asarray(hi), axis=axis, indices_are_sorted=True, mode="clip")
+  # torch's formula: w_lo * x[lo] + w_hi * x[hi].
+  return (x_lo * jnp.asarray(weight_lo, x.dtype).reshape(shape)
+          + x_hi * jnp.asarray(weight_hi, x.dtype).reshape(shape))
 
 
 def resize_bilinear_align_corners(x: jax.Array, out_hw: Sequence[int]) -> jax.Array:
@@ -156,8 +154,11 @@ def resize_bilinear_align_corners(x: jax.Array, out_hw: Sequence[int]) -> jax.Ar
   out_h, out_w = int(out_hw[0]), int(out_hw[1])
   if x.ndim != 4:
     raise ValueError(f"expected NHWC, got shape {x.shape}")
-  x = _resize_axis(x, 1, out_h)
-  return _resize_axis(x, 2, out_w)
+  if x.shape[1] != out_h:
+    x = _resize_axis(x, 1, out_h)
+  if x.shape[2] != out_w:
+    x = _resize_axis(x, 2, out_w)
+  return x
 
 
 def as_float32(x: jax.Array) -> jax.Array:

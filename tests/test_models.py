@@ -1,0 +1,581 @@
+"""Parity of the Flax networks with plain torch.nn references of the same networks.
+
+The torch modules below are written here (torchvision layout, the release's frozen BN,
+DeepLab-v2 VGG/ASPP, FADA's discriminator); weights are random, BN statistics are random
+but realistic, and the torch state dict is copied into Flax variables with the names the
+converter relies on (OIHW -> HWIO).
+"""
+
+import functools
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from jax.sharding import Mesh, PartitionSpec as P
+from torch import nn as tnn
+
+from fada_jax import models
+from fada_jax.errors import UserError
+from fada_jax.models import heads, layers, resnet, vgg
+
+PARITY_TOL = 1e-4  # max |jax - torch| / max |torch|
+
+
+def relative_error(jax_out, torch_out) -> float:
+  reference = torch_out.detach().numpy()
+  if reference.ndim == 4:
+    reference = reference.transpose(0, 2, 3, 1)
+  diff = np.max(np.abs(np.asarray(jax_out, np.float64) - reference))
+  return float(diff / np.max(np.abs(reference)))
+
+
+def nhwc(t: torch.Tensor) -> jnp.ndarray:
+  return jnp.asarray(t.numpy().transpose(0, 2, 3, 1))
+
+
+# ----------------------------------------------------------------------------- torch side
+
+
+class TorchFrozenBN(tnn.Module):
+  """The release's FrozenBatchNorm2d: fixed affine map, rsqrt(var) with no epsilon."""
+
+  def __init__(self, n):
+    super().__init__()
+    self.register_buffer("weight", torch.ones(n))
+    self.register_buffer("bias", torch.zeros(n))
+    self.register_buffer("running_mean", torch.zeros(n))
+    self.register_buffer("running_var", torch.ones(n))
+
+  def forward(self, x):
+    scale = self.weight * self.running_var.rsqrt()
+    bias = self.bias - self.running_mean * scale
+    return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
+
+
+def _conv3x3(cin, cout, stride=1, dilation=1):
+  return tnn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False)
+
+
+class TorchBasicBlock(tnn.Module):
+  expansion = 1
+
+  def __init__(self, cin, planes, stride, downsample, dilation):
+    super().__init__()
+    self.conv1 = _conv3x3(cin, planes, stride, dilation)
+    self.bn1 = TorchFrozenBN(planes)
+    self.conv2 = _conv3x3(planes, planes, 1, dilation)
+    self.bn2 = TorchFrozenBN(planes)
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = self.bn2(self.conv2(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return F.relu(out + identity)
+
+
+class TorchBottleneck(tnn.Module):
+  expansion = 4
+
+  def __init__(self, cin, planes, stride, downsample, dilation):
+    super().__init__()
+    self.conv1 = tnn.Conv2d(cin, planes, 1, bias=False)
+    self.bn1 = TorchFrozenBN(planes)
+    self.conv2 = _conv3x3(planes, planes, stride, dilation)
+    self.bn2 = TorchFrozenBN(planes)
+    self.conv3 = tnn.Conv2d(planes, planes * 4, 1, bias=False)
+    self.bn3 = TorchFrozenBN(planes * 4)
+    self.downsample = downsample
+
+  def forward(self, x):
+    out = F.relu(self.bn1(self.conv1(x)))
+    out = F.relu(self.bn2(self.conv2(out)))
+    out = self.bn3(self.conv3(out))
+    identity = x if self.downsample is None else self.downsample(x)
+    return F.relu(out + identity)
+
+
+class TorchResNet(tnn.Module):
+  """torchvision's ResNet (v1.5) with replace_stride_with_dilation=[False, True, True],
+  following its _make_layer: the first block of a dilated stage gets the previous
+  dilation; avgpool/fc dropped."""
+
+  def __init__(self, depth, width=64):
+    super().__init__()
+    bottleneck, blocks = resnet.STAGES[depth]
+    block = TorchBottleneck if bottleneck else TorchBasicBlock
+    self.inplanes, self.dilation = width, 1
+    self.conv1 = tnn.Conv2d(3, width, 7, 2, 3, bias=False)
+    self.bn1 = TorchFrozenBN(width)
+    self.maxpool = tnn.MaxPool2d(3, 2, 1)
+    dilate = [False, False, True, True]
+    for i, n in enumerate(blocks):
+      self.add_module(f"layer{i + 1}", self._make_layer(
+          block, width * 2**i, n, 1 if i == 0 else 2, dilate[i]))
+
+  def _make_layer(self, block, planes, blocks, stride, dilate):
+    previous_dilation = self.dilation
+    if dilate:
+      self.dilation *= stride
+      stride = 1
+    downsample = None
+    if stride != 1 or self.inplanes != planes * block.expansion:
+      downsample = tnn.Sequential(
+          tnn.Conv2d(self.inplanes, planes * block.expansion, 1, stride, bias=False),
+          TorchFrozenBN(planes * block.expansion))
+    stage = [block(self.inplanes, planes, stride, downsample, previous_dilation)]
+    self.inplanes = planes * block.expansion
+    stage += [block(self.inplanes, planes, 1, None, self.dilation) for _ in range(1, blocks)]
+    return tnn.Sequential(*stage)
+
+  def forward(self, x):
+    x = self.maxpool(F.relu(self.bn1(self.conv1(x))))
+    return self.layer4(self.layer3(self.layer2(self.layer1(x))))
+
+
+def torch_deeplab_vgg16():
+  """The release's construction: VGG-16 'D' features, pool4 (index 23) and pool5 removed,
+  convs 23/25/27 (conv5_x) dilation 2, then fc6/fc7 (dilation 4) with ReLUs."""
+  cfg = [64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M",
+         512, 512, 512, "M"]
+  features, cin = [], 3
+  for v in cfg:
+    if v == "M":
+      features.append(tnn.MaxPool2d(2, 2))
+    else:
+      features += [tnn.Conv2d(cin, v, 3, padding=1), tnn.ReLU()]
+      cin = v
+  features = [features[i] for i in list(range(23)) + list(range(24, 30))]
+  for i in (23, 25, 27):
+    features[i].dilation, features[i].padding = (2, 2), (2, 2)
+  return tnn.Sequential(*features,
+                        tnn.Conv2d(512, 1024, 3, padding=4, dilation=4), tnn.ReLU(),
+                        tnn.Conv2d(1024, 1024, 3, padding=4, dilation=4), tnn.ReLU())
+
+
+VGG_CONV_NAMES = [f"conv{s}_{i}" for s, n in ((1, 2), (2, 2), (3, 3), (4, 3), (5, 3))
+                  for i in range(1, n + 1)] + ["fc6", "fc7"]
+
+
+class TorchASPP(tnn.Module):
+  def __init__(self, cin, num_classes):
+    super().__init__()
+    self.conv2d_list = tnn.ModuleList(
+        [tnn.Conv2d(cin, num_classes, 3, padding=d, dilation=d) for d in (6, 12, 18, 24)])
+
+  def forward(self, x):
+    return sum(conv(x) for conv in self.conv2d_list)
+
+
+class TorchPixelDiscriminator(tnn.Module):
+  def __init__(self, cin, num_classes, ndf=256):
+    super().__init__()
+    self.D = tnn.Sequential(tnn.Conv2d(cin, ndf, 3, padding=1), tnn.LeakyReLU(0.2),
+                            tnn.Conv2d(ndf, ndf // 2, 3, padding=1), tnn.LeakyReLU(0.2))
+    self.cls1 = tnn.Conv2d(ndf // 2, num_classes, 3, padding=1)
+    self.cls2 = tnn.Conv2d(ndf // 2, num_classes, 3, padding=1)
+
+  def forward(self, x):
+    out = self.D(x)
+    return torch.cat([self.cls1(out), self.cls2(out)], dim=1)
+
+
+def randomize(module: tnn.Module, seed: int) -> tnn.Module:
+  """Kaiming-normal convs, small random biases, and realistic frozen-BN statistics
+  (running_var in [0.5, 2]; the last BN of a residual branch damped, as in trained nets)."""
+  generator = torch.Generator().manual_seed(seed)
+
+  def rand(*shape):
+    return torch.rand(*shape, generator=generator)
+
+  with torch.no_grad():
+    for name, m in module.named_modules():
+      if isinstance(m, tnn.Conv2d):
+        fan_in = m.in_channels * m.kernel_size[0] * m.kernel_size[1]
+        m.weight.copy_(torch.randn(m.weight.shape, generator=generator) * (2 / fan_in)**0.5)
+        if m.bias is not None:
+          m.bias.copy_((rand(m.bias.shape[0]) - 0.5) * 0.2)
+      elif isinstance(m, TorchFrozenBN):
+        n = m.weight.shape[0]
+        last = isinstance(module, TorchResNet) and name.startswith("layer") and (
+            name.endswith("bn3" if hasattr(module.layer1[0], "bn3") else "bn2"))
+        m.weight.copy_((0.1 + 0.4 * rand(n)) if last else (0.5 + rand(n)))
+        m.bias.copy_((rand(n) - 0.5) * 0.4)
+        m.running_mean.copy_((rand(n) - 0.5) * 0.4)
+        m.running_var.copy_(0.5 + 1.5 * rand(n))
+  return module.eval()
+
+
+def flax_variables(state_dict, rename=lambda parts: parts):
+  """torch state dict -> {'params', 'batch_stats'}: OIHW -> HWIO kernels, BN weight/bias
+  -> scale/bias, running_mean/var -> mean/var. `rename` maps the module path."""
+  params, batch_stats = {}, {}
+  for key, tensor in state_dict.items():
+    *path, leaf = key.split(".")
+    if leaf == "num_batches_tracked":
+      continue
+    path = rename(path)
+    value = tensor.detach().numpy()
+    if leaf in ("running_mean", "running_var"):
+      tree, leaf = batch_stats, {"running_mean": "mean", "running_var": "var"}[leaf]
+    else:
+      tree = params
+      if leaf == "weight":
+        leaf = "kernel" if value.ndim == 4 else "scale"
+        if value.ndim == 4:
+          value = value.transpose(2, 3, 1, 0)
+    for part in path:
+      tree = tree.setdefault(part, {})
+    tree[leaf] = jnp.asarray(value)
+  return {"params": params, "batch_stats": batch_stats}
+
+
+def resnet_rename(path):
+  if path[0].startswith("layer"):
+    rest = path[2:]
+    if rest[:1] == ["downsample"]:
+      rest = ["downsample_conv" if rest[1] == "0" else "downsample_bn"]
+    return [f"{path[0]}_{path[1]}"] + rest
+  return path
+
+
+def assert_same_tree(variables, reference):
+  """The copied torch weights cover exactly the Flax module's variables, same shapes."""
+  got = jax.tree_util.tree_map(lambda x: x.shape, flax.core.unfreeze(variables))
+  want = jax.tree_util.tree_map(lambda x: x.shape, flax.core.unfreeze(reference))
+  assert got == want
+
+
+# ----------------------------------------------------------------------------- resize
+
+
+@pytest.mark.parametrize("in_hw,out_hw", [
+    ((5, 7), (17, 29)),    # upsampling, odd factors
+    ((33, 65), (257, 513)),  # logits -> image, x8
+    ((40, 31), (13, 9)),   # downsampling
+    ((6, 6), (1, 1)),      # 1-pixel output
+    ((1, 1), (4, 3)),      # 1-pixel input
+    ((9, 12), (9, 12)),    # identity
+    ((8, 5), (1, 11)),     # mixed
+])
+def test_resize_matches_torch_align_corners(in_hw, out_hw):
+  x = torch.randn(2, 3, *in_hw, generator=torch.Generator().manual_seed(0))
+  want = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=True)
+  got = layers.resize_bilinear_align_corners(nhwc(x), out_hw)
+  assert got.shape == (2, *out_hw, 3)
+  assert relative_error(got, want) < 1e-6
+
+
+def test_resize_gradient_matches_torch():
+  x = torch.randn(1, 2, 7, 10, generator=torch.Generator().manual_seed(1), requires_grad=True)
+  weights = torch.randn(1, 2, 23, 4, generator=torch.Generator().manual_seed(2))
+  (F.interpolate(x, size=(23, 4), mode="bilinear", align_corners=True) * weights).sum().backward()
+  grad = jax.grad(lambda x: jnp.sum(
+      layers.resize_bilinear_align_corners(x, (23, 4)) * nhwc(weights)))(nhwc(x.detach()))
+  assert relative_error(grad, x.grad) < 1e-6
+
+
+def test_resize_is_not_half_pixel():
+  x = jnp.arange(4.0).reshape(1, 1, 4, 1)
+  got = layers.resize_bilinear_align_corners(x, (1, 7))[0, 0, :, 0]
+  np.testing.assert_allclose(got, np.linspace(0, 3, 7), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- batch norm
+
+
+def _bn_stats(n, seed):
+  rng = np.random.default_rng(seed)
+  return dict(weight=rng.uniform(0.5, 1.5, n), bias=rng.normal(0, 0.3, n),
+              mean=rng.normal(0, 0.5, n), var=rng.uniform(0.5, 2.0, n))
+
+
+def _bn_variables(stats):
+  f32 = lambda a: jnp.asarray(a, jnp.float32)
+  return {"params": {"scale": f32(stats["weight"]), "bias": f32(stats["bias"])},
+          "batch_stats": {"mean": f32(stats["mean"]), "var": f32(stats["var"])}}
+
+
+def test_frozen_bn_matches_release_formula_without_epsilon():
+  stats = _bn_stats(6, 0)
+  stats["var"][:3] = [1e-6, 1e-5, 3e-5]  # an epsilon of 1e-5 would show here
+  torch_bn = TorchFrozenBN(6)
+  for name, key in (("weight", "weight"), ("bias", "bias"), ("running_mean", "mean"),
+                    ("running_var", "var")):
+    getattr(torch_bn, name).copy_(torch.tensor(stats[key], dtype=torch.float32))
+  x = torch.randn(2, 6, 5, 4, generator=torch.Generator().manual_seed(1))
+  variables = _bn_variables(stats)
+  for train in (False, True):  # frozen: the same affine map in both modes
+    bn = layers.BatchNorm(use_running_average=not train, frozen=True)
+    got = bn.apply(variables, nhwc(x))
+    assert relative_error(got, torch_bn(x)) < 1e-6
+  # No gradient reaches the frozen affine parameters; the input still gets one.
+  grads = jax.grad(lambda v, x: jnp.sum(bn.apply(v, x) ** 2), argnums=(0, 1))(
+      variables, nhwc(x))
+  assert not np.any(grads[0]["params"]["scale"]) and not np.any(grads[0]["params"]["bias"])
+  assert np.any(grads[1])
+
+
+def _torch_train_bn(stats, x):
+  bn = tnn.BatchNorm2d(x.shape[1], eps=1e-5, momentum=0.1)
+  with torch.no_grad():
+    bn.weight.copy_(torch.tensor(stats["weight"]))
+    bn.bias.copy_(torch.tensor(stats["bias"]))
+    bn.running_mean.copy_(torch.tensor(stats["mean"]))
+    bn.running_var.copy_(torch.tensor(stats["var"]))
+  bn.train()
+  return bn, bn(x)
+
+
+def test_trainable_bn_matches_torch_train_and_eval_mode():
+  stats = _bn_stats(5, 2)
+  x = torch.randn(4, 5, 6, 7, generator=torch.Generator().manual_seed(3)) * 2 + 1
+  torch_bn, want = _torch_train_bn(stats, x)
+  bn = layers.BatchNorm(use_running_average=False, frozen=False)
+  got, updates = bn.apply(_bn_variables(stats), nhwc(x), mutable=["batch_stats"])
+  assert relative_error(got, want) < 1e-5
+  np.testing.assert_allclose(updates["batch_stats"]["mean"],
+                             torch_bn.running_mean.numpy(), rtol=1e-5, atol=1e-6)
+  # torch's running var uses the unbiased batch variance.
+  np.testing.assert_allclose(updates["batch_stats"]["var"],
+                             torch_bn.running_var.numpy(), rtol=1e-5, atol=1e-6)
+  torch_bn.eval()
+  eval_bn = layers.BatchNorm(use_running_average=True, frozen=False)
+  got = eval_bn.apply({"params": _bn_variables(stats)["params"], **updates}, nhwc(x))
+  assert relative_error(got, torch_bn(x)) < 1e-5
+
+
+def test_trainable_bn_syncs_statistics_across_devices():
+  devices = jax.devices()
+  assert len(devices) == 4, "conftest provides 4 simulated CPU devices"
+  stats = _bn_stats(3, 4)
+  variables = _bn_variables(stats)
+  # Per-device batches with different distributions, so unsynced statistics would differ.
+  x = jnp.asarray(np.random.default_rng(5).normal(size=(8, 5, 4, 3))
+                  * np.arange(1, 9)[:, None, None, None], jnp.float32)
+
+  single = layers.BatchNorm(use_running_average=False, frozen=False)
+  want, want_updates = single.apply(variables, x, mutable=["batch_stats"])
+
+  synced = layers.BatchNorm(use_running_average=False, frozen=False, axis_name="batch")
+  mesh = Mesh(np.array(devices), ("batch",))
+
+  @functools.partial(jax.shard_map, mesh=mesh, in_specs=(P(), P("batch")),
+                     out_specs=(P("batch"), P()))
+  def sharded(variables, x):
+    return synced.apply(variables, x, mutable=["batch_stats"])
+
+  got, got_updates = jax.jit(sharded)(variables, x)
+  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for name in ("mean", "var"):
+    np.testing.assert_allclose(got_updates["batch_stats"][name],
+                               want_updates["batch_stats"][name], rtol=1e-5, atol=1e-6)
+
+  # And the whole-batch result is torch's BatchNorm2d over the whole batch.
+  torch_bn, torch_out = _torch_train_bn(stats, torch.tensor(np.asarray(x).transpose(0, 3, 1, 2)))
+  assert relative_error(want, torch_out) < 1e-5
+  np.testing.assert_allclose(want_updates["batch_stats"]["var"],
+                             torch_bn.running_var.numpy(), rtol=1e-5)
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def _resnet_parity(depth, width, input_nchw, seed):
+  torch_model = randomize(TorchResNet(depth, width), seed)
+  x = torch.randn(*input_nchw, generator=torch.Generator().manual_seed(seed))
+  with torch.no_grad():
+    want = torch_model(x)
+  model = resnet.ResNetFeatureExtractor(depth=depth, width=width)
+  variables = flax_variables(torch_model.state_dict(), resnet_rename)
+  assert_same_tree(variables, jax.eval_shape(
+      functools.partial(model.init, train=False), jax.random.PRNGKey(0), nhwc(x)))
+  got = jax.jit(functools.partial(model.apply, train=False))(variables, nhwc(x))
+  return got, want
+
+
+@pytest.mark.parametrize("depth,input_nchw", [
+    (18, (2, 3, 64, 64)),
+    (50, (1, 3, 64, 64)),
+    (101, (1, 3, 33, 41)),  # odd sizes: padding and floor behaviour of every stride
+])
+def test_resnet_matches_torch(depth, input_nchw):
+  got, want = _resnet_parity(depth, 64, input_nchw, seed=depth)
+  assert got.dtype == jnp.float32
+  assert got.shape == tuple(want.permute(0, 2, 3, 1).shape)
+  error = relative_error(got, want)
+  print(f"resnet{depth} parity relative error {error:.2e}")
+  assert error < PARITY_TOL
+
+
+def test_resnet_output_stride_and_channels():
+  for depth, width in ((18, 8), (50, 8)):
+    model = resnet.ResNetFeatureExtractor(depth=depth, width=width)
+    shapes = jax.eval_shape(
+        lambda x: model.init_with_output(jax.random.PRNGKey(0), x)[0],
+        jnp.zeros((2, 96, 128, 3)))
+    assert shapes.shape == (2, 12, 16, resnet.output_channels(depth, width))
+  assert resnet.output_channels(101) == 2048 and resnet.output_channels(34) == 512
+
+
+def test_vgg16_matches_torch():
+  torch_model = randomize(torch_deeplab_vgg16(), 16)
+  x = torch.randn(1, 3, 45, 61, generator=torch.Generator().manual_seed(16)) * 50
+  with torch.no_grad():
+    want = torch_model(x)
+  convs = [k for k, m in torch_model.named_children() if isinstance(m, tnn.Conv2d)]
+  assert len(convs) == len(VGG_CONV_NAMES)
+  names = dict(zip(convs, VGG_CONV_NAMES))
+  variables = flax_variables(torch_model.state_dict(), lambda path: [names[path[0]]])
+  model = vgg.VGGFeatureExtractor()
+  reference = jax.eval_shape(model.init, jax.random.PRNGKey(0), nhwc(x))
+  assert_same_tree({"params": variables["params"]}, reference)
+  got = jax.jit(model.apply)({"params": variables["params"]}, nhwc(x))
+  assert got.shape == (1, 5, 7, 1024)  # 45 -> 22 -> 11 -> 5; 61 -> 30 -> 15 -> 7 (floor)
+  error = relative_error(got, want)
+  print(f"vgg16 parity relative error {error:.2e}")
+  assert error < PARITY_TOL
+
+
+def test_aspp_classifier_and_discriminator_match_torch():
+  channels, num_classes = 64, 19
+  features = torch.relu(torch.randn(2, channels, 13, 27,
+                                    generator=torch.Generator().manual_seed(7)))
+  aspp = randomize(TorchASPP(channels, num_classes), 7)
+  with torch.no_grad():
+    want = aspp(features)
+  variables = flax_variables(aspp.state_dict(), lambda path: [f"conv_{path[1]}"])
+  classifier = heads.ASPPClassifier(num_classes=num_classes)
+  assert_same_tree({"params": variables["params"]},
+                   jax.eval_shape(classifier.init, jax.random.PRNGKey(0), nhwc(features)))
+  got = classifier.apply({"params": variables["params"]}, nhwc(features))
+  error = relative_error(got, want)
+  print(f"aspp parity relative error {error:.2e}")
+  assert got.shape == (2, 13, 27, num_classes) and error < PARITY_TOL
+
+  disc = randomize(TorchPixelDiscriminator(channels, num_classes), 8)
+  with torch.no_grad():
+    want = disc(features)
+  rename = {"D.0": "conv1", "D.2": "conv2", "cls1": "cls_source", "cls2": "cls_target"}
+  variables = flax_variables(disc.state_dict(), lambda path: [rename[".".join(path)]])
+  discriminator = heads.FineGrainedDiscriminator(num_classes=num_classes)
+  assert_same_tree({"params": variables["params"]},
+                   jax.eval_shape(discriminator.init, jax.random.PRNGKey(0),
+                                  nhwc(features)))
+  got = discriminator.apply({"params": variables["params"]}, nhwc(features))
+  error = relative_error(got, want)
+  print(f"discriminator parity relative error {error:.2e}")
+  assert got.shape == (2, 13, 27, 2 * num_classes) and error < PARITY_TOL
+  # Source half first.
+  with torch.no_grad():
+    source_only = disc.cls1(disc.D(features))
+  assert relative_error(got[..., :num_classes], source_only) < PARITY_TOL
+
+
+def test_head_initialisation_follows_torch():
+  classifier = heads.ASPPClassifier(num_classes=19)
+  params = classifier.init(jax.random.PRNGKey(0), jnp.zeros((1, 5, 5, 256)))["params"]
+  kernels = np.concatenate([np.ravel(params[f"conv_{i}"]["kernel"]) for i in range(4)])
+  assert abs(kernels.std() - 0.01) < 0.0005 and abs(kernels.mean()) < 0.0005
+  bound = 1 / np.sqrt(256 * 9)
+  biases = np.concatenate([params[f"conv_{i}"]["bias"] for i in range(4)])
+  assert np.all(np.abs(biases) <= bound) and np.any(np.abs(biases) > bound / 2)
+
+
+# ----------------------------------------------------------------------------- dtype / remat
+
+
+def _small_resnet_variables(depth, width, seed):
+  torch_model = randomize(TorchResNet(depth, width), seed)
+  return flax_variables(torch_model.state_dict(), resnet_rename)
+
+
+def test_bfloat16_compute_keeps_float32_params_and_outputs():
+  variables = _small_resnet_variables(18, 8, 3)
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(1, 48, 48, 3)), jnp.float32)
+  outputs = {}
+  for dtype in ("float32", "bfloat16"):
+    feature_extractor = resnet.ResNetFeatureExtractor(depth=18, width=8, dtype=dtype)
+    classifier = heads.ASPPClassifier(num_classes=5, dtype=dtype)
+    cls_params = classifier.init(jax.random.PRNGKey(1), jnp.zeros((1, 6, 6, 64)))
+    assert all(p.dtype == jnp.float32 for p in jax.tree_util.tree_leaves(cls_params))
+
+    @jax.jit
+    def forward(variables, cls_params, x):
+      return classifier.apply(cls_params, feature_extractor.apply(variables, x, train=False))
+
+    outputs[dtype] = forward(variables, cls_params, x)
+    assert outputs[dtype].dtype == jnp.float32
+  scale = np.max(np.abs(outputs["float32"]))
+  error = np.max(np.abs(outputs["bfloat16"] - outputs["float32"])) / scale
+  assert 0 < error < 0.1
+
+
+def test_remat_gives_identical_outputs_and_gradients():
+  # Trainable BN in train mode: the hardest case (mutable batch_stats inside remat).
+  variables = _small_resnet_variables(18, 8, 4)
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 32, 32, 3)), jnp.float32)
+  results = []
+  for remat in (False, True):
+    model = resnet.ResNetFeatureExtractor(depth=18, width=8, freeze_bn=False, remat=remat)
+
+    @jax.jit
+    def loss_and_grad(params, batch_stats, x):
+      def loss(params):
+        out, updates = model.apply({"params": params, "batch_stats": batch_stats}, x,
+                                   train=True, mutable=["batch_stats"])
+        return jnp.mean(out ** 2), updates
+      return jax.value_and_grad(loss, has_aux=True)(params)
+
+    results.append(loss_and_grad(variables["params"], variables["batch_stats"], x))
+  (loss_a, updates_a), grads_a = results[0]
+  (loss_b, updates_b), grads_b = results[1]
+  np.testing.assert_allclose(loss_a, loss_b, rtol=1e-6)
+  jax.tree_util.tree_map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+                         (grads_a, updates_a), (grads_b, updates_b))
+  assert all(np.any(leaf) for leaf in jax.tree_util.tree_leaves(grads_a))
+
+
+# ----------------------------------------------------------------------------- build
+
+
+def _config(**model):
+  return ml_collections.ConfigDict({"model": {"arch": "resnet18", "num_classes": 7,
+                                              "freeze_bn": True, "dtype": "float32",
+                                              **model}})
+
+
+def test_build_and_init_variables():
+  config = _config(width=8)
+  built = models.build(config)
+  assert built.feature_extractor.depth == 18 and built.feature_extractor.width == 8
+  variables = models.init_variables(built, jax.random.PRNGKey(0), config)
+  assert set(variables) == {"feature_extractor", "classifier", "discriminator"}
+  assert set(variables["feature_extractor"]) == {"params", "batch_stats"}
+  assert variables["classifier"]["params"]["conv_0"]["kernel"].shape == (3, 3, 64, 7)
+  assert variables["discriminator"]["params"]["cls_target"]["kernel"].shape == (3, 3, 128, 7)
+  assert variables["feature_extractor"]["params"]["layer3_0"]["downsample_conv"][
+      "kernel"].shape == (1, 1, 16, 32)
+  assert models.feature_channels(config) == 64
+  assert models.feature_channels(_config(arch="resnet101")) == 2048
+  assert models.feature_channels(_config(arch="vgg16")) == 1024
+  # Config without width/remat: published defaults.
+  default = ml_collections.ConfigDict({"model": {"arch": "resnet50", "num_classes": 19,
+                                                 "freeze_bn": False, "dtype": "bfloat16"}})
+  built = models.build(default, axis_name="batch")
+  assert built.feature_extractor.width == 64 and not built.feature_extractor.remat
+  assert built.feature_extractor.axis_name == "batch"
+  assert isinstance(models.build(_config(arch="vgg16")).feature_extractor,
+                    vgg.VGGFeatureExtractor)
+
+
+@pytest.mark.parametrize("field,value", [("arch", "resnet42"), ("dtype", "float16"),
+                                         ("num_classes", 0)])
+def test_build_rejects_bad_config_with_user_error(field, value):
+  with pytest.raises(UserError, match=f"config.model.{field}"):
+    models.build(_config(**{field: value}))
