@@ -171,9 +171,11 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   try:
     variables = _restore_tree(variables_dir)
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    first_line = (str(e).strip().splitlines() or [''])[0]
-    raise UserError(f'cannot read model variables in {variables_dir}: '
-                    f'{type(e).__name__}: {first_line}') from None
+    reason = (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+    if len(reason) > 300:
+      reason = reason[:297] + '...'
+    raise UserError(f'cannot read model variables in {variables_dir} (damaged or '
+                    f'incomplete?): {type(e).__name__}: {reason}') from None
   if not isinstance(variables, dict) or not variables or set(variables) - set(MODEL_PARTS):
     raise UserError(f'model checkpoint {path} holds unexpected parts '
                     f'{sorted(variables) if isinstance(variables, dict) else type(variables)}')
@@ -197,3 +199,141 @@ def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
     raise UserError(f'{path} is not a model checkpoint (format {format_name!r}; '
                     f'readable: {sorted(_MODEL_LOADERS)})')
   return loader(path, meta)
+
+
+# =======================================================================================
+# Training checkpoints (written and resumed by `fada_jax.train.loop`).
+#
+# DIR/checkpoints/<step>/ is one step of an orbax CheckpointManager:
+#   variables/  the model variables, in the layout of a model checkpoint (the live,
+#               replicated arrays; orbax writes each array once across processes)
+#   train/      {'step', 'opt_state', 'rng'}: the rest of the train state
+#   data/       JSON {'process_count': P, 'states': [the data iterator state of each process]}
+#   meta.json   {"format": "fada_jax.train", "step", "stage", "arch", "num_classes", ...}
+# orbax writes a step under a temporary name and renames it when complete, so a step
+# folder that exists is whole; a killed save leaves only a temporary folder, which is
+# never listed as a step and is removed when the manager next starts. meta.json is
+# written after the rename (and rewritten on resume if a kill came in between); it lets
+# `load_model` read a step folder as a model checkpoint, e.g. to start stage 2 from
+# stage 1 or to evaluate it.
+
+TRAIN_FORMAT = 'fada_jax.train'
+TRAIN_FORMAT_VERSION = 1
+TRAIN_ITEMS = ('variables', 'train', 'data')
+
+
+def _restore_tree_as_numpy(directory: pathlib.Path) -> Any:
+  """Restores an orbax tree as host numpy arrays, whatever devices wrote it."""
+  directory = directory.absolute()
+  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
+    metadata = checkpointer.metadata(directory)
+    tree = getattr(metadata, 'item_metadata', metadata)
+    tree = getattr(tree, 'tree', tree)
+    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
+    return checkpointer.restore(directory, args=ocp.args.StandardRestore(target))
+
+
+def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
+  version = meta.get('format_version')
+  if version != TRAIN_FORMAT_VERSION:
+    raise UserError(f'training checkpoint {path} has format version {version}; this '
+                    f'fada_jax reads version {TRAIN_FORMAT_VERSION}')
+  variables_dir = path / 'variables'
+  if not variables_dir.is_dir():
+    raise UserError(f'training checkpoint is incomplete (no variables/): {path}')
+  try:
+    variables = _restore_tree_as_numpy(variables_dir)
+  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+    reason = (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+    if len(reason) > 300:
+      reason = reason[:297] + '...'
+    raise UserError(f'cannot read model variables in {variables_dir} (damaged or '
+                    f'incomplete?): {type(e).__name__}: {reason}') from None
+  return variables, meta
+
+
+register_model_loader(TRAIN_FORMAT, _load_train_format)
+
+
+class TrainingCheckpoints:
+  """The training checkpoints of one run, under DIR/checkpoints (see above).
+
+  Every process of a multi-host run creates one and calls `save`/`restore` together.
+  Saving is synchronous: when `save` returns, the step is on disk and complete.
+  """
+
+  def __init__(self, directory: str | os.PathLike, keep: int):
+    self.directory = pathlib.Path(directory).absolute()
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=max(1, int(keep)), create=True, enable_async_checkpointing=False,
+        cleanup_tmp_directories=True)
+    self._manager = ocp.CheckpointManager(self.directory, item_names=TRAIN_ITEMS,
+                                          options=options)
+
+  def step_dir(self, step: int) -> pathlib.Path:
+    return self.directory / str(int(step))
+
+  def all_steps(self) -> list[int]:
+    return sorted(self._manager.all_steps())
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def save(self, step: int, variables: Variables, train: Any, data: dict,
+           meta: Meta) -> pathlib.Path:
+    """Writes step `step`: model variables, the rest of the train state and the data state."""
+    step = int(step)
+    self._manager.save(step, args=ocp.args.Composite(
+        variables=ocp.args.StandardSave(variables),
+        train=ocp.args.StandardSave(train),
+        data=ocp.args.JsonSave(data)), force=True)
+    self._manager.wait_until_finished()
+    self.write_meta(step, meta)
+    return self.step_dir(step)
+
+  def write_meta(self, step: int, meta: Meta) -> None:
+    """meta.json of a finished step (process 0 writes it; idempotent)."""
+    if jax.process_index() != 0:
+      return
+    meta = dict(meta, format=TRAIN_FORMAT, format_version=TRAIN_FORMAT_VERSION,
+                parts=sorted(MODEL_PARTS), step=int(step))
+    write_json_atomic(self.step_dir(step) / META_FILE, meta)
+
+  def restore(self, step: int, variables_target: Any, train_target: Any) -> tuple[Any, Any, dict]:
+    """Reads step `step` into arrays shaped and placed like the targets.
+
+    Targets are trees of arrays or `jax.ShapeDtypeStruct`s with shardings: the arrays
+    come back on the caller's mesh.
+    """
+    abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
+    try:
+      restored = self._manager.restore(int(step), args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore(abstract(variables_target)),
+          train=ocp.args.StandardRestore(abstract(train_target)),
+          data=ocp.args.JsonRestore()))
+    except Exception as e:  # a damaged checkpoint, or one of another network/stage
+      first_line = (str(e).strip().splitlines() or [''])[0]
+      raise UserError(f'cannot resume from {self.step_dir(step)} (written by another '
+                      f'config, or damaged; move it away to start afresh): '
+                      f'{type(e).__name__}: {first_line[:300]}') from None
+    return restored['variables'], restored['train'], restored['data']
+
+  def close(self) -> None:
+    self._manager.close()
+
+
+def latest_training_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
+  """The newest complete step folder under DIR/checkpoints (None when there is none).
+
+  Reads the folder names only (no orbax manager, no multi-process coordination): a step
+  folder is complete when orbax's commit marker or metadata file is in it.
+  """
+  directory = pathlib.Path(directory)
+  if not directory.is_dir():
+    return None
+  steps = []
+  for child in directory.iterdir():
+    if child.is_dir() and child.name.isdigit() and (
+        (child / 'commit_success.txt').exists() or (child / '_CHECKPOINT_METADATA').exists()):
+      steps.append(int(child.name))
+  return directory / str(max(steps)) if steps else None
