@@ -112,7 +112,7 @@ def map_labels(label_ids: np.ndarray, lut: np.ndarray) -> np.ndarray:
     return mapped
   if label_ids.dtype == np.uint16 and lut.shape[0] < 65536:
     lut = np.concatenate([lut, np.full((65536 - lut.shape[0],), IGNORE_LABEL, np.uint8)])
-  return lut[label_ids]
+  return np.take(lut, label_ids)  # faster than lut[label_ids] for large maps
 
 
 def colorize(train_ids: np.ndarray, num_classes: int = 19) -> np.ndarray:

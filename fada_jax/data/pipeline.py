@@ -1,0 +1,436 @@
+"""grain input pipelines for the three training stages and for evaluation.
+
+Every training example is a pure function of (config.seed, stream, global position k):
+which file it reads (the stream's order) and every random transform parameter (a numpy
+Generator seeded with (seed, stream, k)). Step s of a stream with global batch B covers
+positions s*B .. s*B + B - 1; JAX process p of P builds positions s*B + p*B/P + j,
+j < B/P, so each process reads only its share and together they cover the global batch
+exactly once. Batches are therefore identical whatever `config.data.workers` is, and the
+iterator state is just the next step: `get_state()` -> {'step': s}; `set_state()` restarts
+the grain pipeline there, so a resumed run sees exactly the batches of an uninterrupted one.
+
+Per step a training iterator yields {'image': float32 [B/P, H, W, 3], 'label': uint8
+[B/P, H, W] train ids (255 ignore)}. Stage 'source_only': the source stream gets the whole
+batch; 'adversarial': source and target get half each (as the release); 'self_distill':
+the one labelled stream, the pseudo-labelled target named by config.data.source
+('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole batch, under 'source'.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import pathlib
+from collections.abc import Callable, Iterator, Sequence
+from typing import Any
+
+import grain
+import numpy as np
+from absl import flags
+
+from fada_jax.data import sampling
+from fada_jax.data import sources as sources_lib
+from fada_jax.data import transforms
+from fada_jax.errors import UserError
+
+SOURCE_STREAM, TARGET_STREAM, EVAL_STREAM = 1, 2, 3
+SYNTHETIC_NAMES = ("synthetic_source", "synthetic_target")
+DATASET_NAMES = sources_lib.SOURCE_NAMES + SYNTHETIC_NAMES
+_FAR_FUTURE = 1 << 40  # Training streams are endless; the loop decides when to stop.
+
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _data_field(config, name: str, default: Any = None) -> Any:
+  return config.data[name] if name in config.data else default
+
+
+def open_source(config, name: str, split: str):
+  """The random-access source of dataset `name`, split `split`, for this config."""
+  num_classes = int(config.model.num_classes)
+  if name in SYNTHETIC_NAMES:
+    from fada_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+    kwargs = {}
+    image_size = _data_field(config, "synthetic_image_size")
+    if image_size:
+      kwargs["image_size"] = tuple(image_size)
+    return synthetic.make_synthetic_source(
+        name.split("_", 1)[1], split, num_classes, size=int(config.data.synthetic_size),
+        seed=int(config.seed), **kwargs)
+  if name not in sources_lib.SOURCE_NAMES:
+    raise UserError(f"unknown dataset {name!r}; expected one of {', '.join(DATASET_NAMES)}")
+  data_format = _data_field(config, "format", "folder")
+  pseudo_label_dir = _data_field(config, "pseudo_label_dir") or None
+  if data_format == "folder":
+    return sources_lib.make_source(name, config.data.root, split, num_classes,
+                                   pseudo_label_dir=pseudo_label_dir,
+                                   skip_corrupt=bool(_data_field(config, "skip_corrupt")))
+  if data_format == "array_record":
+    from fada_jax.data import prepared  # pylint: disable=g-import-not-at-top
+    return prepared.make_prepared_source(name, config.data.root, split, num_classes,
+                                         pseudo_label_dir=pseudo_label_dir)
+  raise UserError(f"config.data.format must be 'folder' or 'array_record', got {data_format!r}")
+
+
+class PseudoLabelSource:
+  """Another source's images with labels from <pseudo_label_dir>/<name>.png (train ids)."""
+
+  def __init__(self, base, pseudo_label_dir: str):
+    self.base = base
+    self.pseudo_label_dir = str(pseudo_label_dir)
+    self.names = list(getattr(base, "names", []))
+    for name in self.names:
+      path = pathlib.Path(self.pseudo_label_dir) / f"{name}.png"
+      if not path.is_file():
+        raise UserError(f"{name} has no pseudo label {path}")
+
+  def __len__(self) -> int:
+    return len(self.base)
+
+  def __getitem__(self, index: int) -> dict[str, Any]:
+    example = dict(self.base[index])
+    label = sources_lib.read_label_ids(f"{self.pseudo_label_dir}/{example['name']}.png")
+    example["label"] = np.asarray(label, dtype=np.uint8)
+    return example
+
+
+def _pseudo_labelled_source(config, name: str):
+  """Stage 3's stream: 'cityscapes_pseudo' or '<dataset>_pseudo' (e.g. synthetic_target_pseudo)."""
+  if name == "cityscapes_pseudo" or name in sources_lib.SOURCE_NAMES:
+    return open_source(config, name, "train")
+  base = name[:-len("_pseudo")] if name.endswith("_pseudo") else name
+  if base not in DATASET_NAMES:
+    raise UserError(f"unknown dataset {name!r}; expected cityscapes_pseudo or "
+                    "synthetic_target_pseudo in stage self_distill")
+  if not _data_field(config, "pseudo_label_dir"):
+    raise UserError(f"{name} needs config.data.pseudo_label_dir (the pseudo-label folder)")
+  return PseudoLabelSource(open_source(config, base, "train"), config.data.pseudo_label_dir)
+
+
+def _training_source(config, stream: str):
+  """The source of the 'source' or 'target' stream of config.stage."""
+  if stream == "source":
+    if config.stage == "self_distill":
+      return _pseudo_labelled_source(config, config.data.source)
+    return open_source(config, config.data.source, "train")
+  return open_source(config, config.data.target, "train")
+
+
+# ----------------------------------------------------------------------------- per example
+
+
+@dataclasses.dataclass(frozen=True)
+class ResizeTransform:
+  """Stages 1-2: fixed-size resize (image bicubic, label nearest), optional jitter."""
+  size: tuple[int, int]
+  color_jitter: tuple[float, float, float, float]
+  normalization: str
+
+  def __call__(self, example, rng: np.random.Generator):
+    image = transforms.resize_and_jitter(example["image"], self.size, self.color_jitter, rng)
+    label = transforms.resize_label(example["label"], self.size)
+    return transforms.normalize(image, self.normalization), label
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleCropTransform:
+  """Stage 3: random scale, crop (padding image 0 / label 255), flip, jitter."""
+  crop_size: tuple[int, int]
+  scale_range: tuple[float, float]
+  flip: bool
+  color_jitter: tuple[float, float, float, float]
+  normalization: str
+
+  def __call__(self, example, rng: np.random.Generator):
+    image, label = transforms.random_scale(example["image"], example["label"],
+                                           self.scale_range, rng)
+    image, label = transforms.random_crop(image, label, self.crop_size, rng)
+    if self.flip:
+      image, label = transforms.random_flip(image, label, rng)
+    # The release jitters the full frame before scaling; jitter commutes with scaling up
+    # to rounding, and on the crop it costs a fraction.
+    image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
+    return transforms.normalize(image, self.normalization), np.ascontiguousarray(label)
+
+
+class BatchMaker:
+  """step -> this process's share of the stream's global batch (a picklable function)."""
+
+  def __init__(self, source, transform: Callable, seed: int, stream_id: int,
+               global_batch: int, process_index: int, process_count: int,
+               order: np.ndarray | None = None):
+    if global_batch % process_count:
+      raise UserError(f"global batch size {global_batch} is not divisible by the "
+                      f"{process_count} JAX processes")
+    self.source = source
+    self.transform = transform
+    self.seed, self.stream_id = int(seed), int(stream_id)
+    self.global_batch = int(global_batch)
+    self.local_batch = self.global_batch // process_count
+    self.offset = process_index * self.local_batch
+    self.order = order
+    self.num_files = len(source)
+
+  def positions(self, step: int) -> range:
+    start = int(step) * self.global_batch + self.offset
+    return range(start, start + self.local_batch)
+
+  def file_index(self, position: int) -> int:
+    if self.order is not None:
+      return int(self.order[position % self.order.size])
+    return sampling.epoch_order(position, self.num_files, self.seed * 7919 + self.stream_id)
+
+  def example(self, position: int):
+    rng = np.random.default_rng([self.seed, self.stream_id, position])
+    return self.transform(self.source[self.file_index(position)], rng)
+
+  def __call__(self, step: int) -> dict[str, np.ndarray]:
+    images, labels = zip(*(self.example(k) for k in self.positions(step)))
+    return {"image": np.stack(images), "label": np.stack(labels)}
+
+
+# ----------------------------------------------------------------------------- iterators
+
+
+class BatchIterator(Iterator):
+  """Iterator of per-step batches with checkpointable state {'step': int}."""
+
+  def __init__(self, make_batch: Callable[[int], Any], start_step: int = 0,
+               workers: int = 0, num_steps: int = _FAR_FUTURE):
+    self._make_batch = make_batch
+    self._workers = int(workers)
+    self._num_steps = int(num_steps)
+    self._iterator = None
+    self._step = int(start_step)
+    self._start(self._step)
+
+  def _start(self, step: int) -> None:
+    self.close()
+    self._step = int(step)
+    dataset = grain.MapDataset.range(self._step, max(self._step, self._num_steps))
+    dataset = dataset.map(self._make_batch)
+    if self._workers > 0:
+      # grain's worker processes read its absl flags; outside an absl app (tests, notebooks,
+      # tools) they are unparsed, so take their defaults.
+      if not flags.FLAGS.is_parsed():
+        flags.FLAGS.mark_as_parsed()
+      dataset = dataset.to_iter_dataset(
+          grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
+      dataset = dataset.mp_prefetch(
+          grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=2))
+    else:
+      dataset = dataset.to_iter_dataset(
+          grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
+    self._iterator = iter(dataset)
+
+  @property
+  def step(self) -> int:
+    """The step of the next batch."""
+    return self._step
+
+  def __next__(self):
+    batch = next(self._iterator)
+    self._step += 1
+    return batch
+
+  def get_state(self) -> dict[str, int]:
+    return {"step": self._step}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    self._start(int(state["step"]))
+
+  def close(self) -> None:
+    iterator, self._iterator = self._iterator, None
+    if iterator is not None and hasattr(iterator, "close"):
+      iterator.close()
+
+  def __del__(self):
+    try:
+      self.close()
+    except Exception:  # pylint: disable=broad-except  (interpreter shutdown)
+      pass
+
+
+def _stream_batches(config) -> dict[str, int]:
+  """Global batch size of each training stream for config.stage."""
+  batch = int(config.solver.batch_size)
+  if config.stage == "source_only":
+    return {"source": batch}
+  if config.stage == "adversarial":
+    if batch % 2:
+      raise UserError(f"stage adversarial splits config.solver.batch_size={batch} into "
+                      "half source, half target: it must be even")
+    return {"source": batch // 2, "target": batch // 2}
+  if config.stage == "self_distill":
+    # One labelled stream, the pseudo-labelled target (config.data.source in this stage).
+    return {"source": batch}
+  raise UserError(f"unknown config.stage {config.stage!r}")
+
+
+def _jitter(config) -> tuple[float, float, float, float]:
+  return tuple(float(v) for v in config.data.color_jitter)
+
+
+def _class_presence(source, num_classes: int) -> np.ndarray:
+  """bool [N, K] label-info table; sources that store or cache one provide it."""
+  if hasattr(source, "class_presence"):
+    presence = np.asarray(source.class_presence(progress=True), dtype=bool)
+  else:  # Generic fallback: read every label once.
+    presence = np.stack([
+        np.bincount(source[i]["label"].ravel(), minlength=256)[:num_classes] > 0
+        for i in range(len(source))])
+  return presence[:, :num_classes]
+
+
+def _make_stream(config, stream: str, global_batch: int, process_index: int,
+                 process_count: int) -> BatchMaker:
+  source = _training_source(config, stream)
+  normalization = config.data.normalization
+  stream_id = SOURCE_STREAM if stream == "source" else TARGET_STREAM
+  if config.stage == "self_distill":
+    transform = ScaleCropTransform(
+        tuple(int(v) for v in config.data.crop_size),
+        tuple(float(v) for v in config.data.scale_range), bool(config.data.flip),
+        _jitter(config), normalization)
+    return BatchMaker(source, transform, config.seed, stream_id, global_batch,
+                      process_index, process_count)
+  if stream == "source":
+    size = tuple(int(v) for v in config.data.source_size)
+    jitter = _jitter(config) if config.stage == "adversarial" else (0.0, 0.0, 0.0, 0.0)
+    transform = ResizeTransform(size, jitter, normalization)
+    total = int(config.solver.max_iter) * global_batch
+    presence = _class_presence(source, int(config.model.num_classes))
+    order = sampling.class_balanced_order(
+        presence, sampling.num_class_balanced_draws(total), int(config.seed))
+    return BatchMaker(source, transform, config.seed, stream_id, global_batch,
+                      process_index, process_count, order)
+  size = tuple(int(v) for v in config.data.target_size)
+  transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0), normalization)
+  return BatchMaker(source, transform, config.seed, stream_id, global_batch,
+                    process_index, process_count)
+
+
+def make_train_iterators(config, process_index: int = 0, process_count: int = 1,
+                         start_step: int = 0) -> dict[str, BatchIterator]:
+  """{'source': ..., 'target': ...} iterators of config.stage (only the streams it uses)."""
+  workers = int(_data_field(config, "workers", 0) or 0)
+  return {
+      stream: BatchIterator(
+          _make_stream(config, stream, batch, process_index, process_count),
+          start_step=start_step, workers=workers)
+      for stream, batch in _stream_batches(config).items()
+  }
+
+
+def source_loader(config, process_index: int = 0, process_count: int = 1,
+                  start_step: int = 0) -> BatchIterator:
+  """The labelled stream: source frames (stages 1-2) or pseudo-labelled target (stage 3)."""
+  batches = _stream_batches(config)
+  if "source" not in batches:
+    raise UserError(f"stage {config.stage} has no source stream")
+  return BatchIterator(_make_stream(config, "source", batches["source"], process_index,
+                                    process_count), start_step,
+                       int(_data_field(config, "workers", 0) or 0))
+
+
+def target_loader(config, process_index: int = 0, process_count: int = 1,
+                  start_step: int = 0) -> BatchIterator:
+  """The unlabelled target stream of stage 'adversarial'."""
+  batches = _stream_batches(config)
+  if "target" not in batches:
+    raise UserError(f"stage {config.stage} has no target stream")
+  return BatchIterator(_make_stream(config, "target", batches["target"], process_index,
+                                    process_count), start_step,
+                       int(_data_field(config, "workers", 0) or 0))
+
+
+# ----------------------------------------------------------------------------- evaluation
+
+
+class EvalBatchMaker:
+  """step -> this process's share of an ordered evaluation batch.
+
+  Positions past the end of the split are padding: 'valid' False, label all 255, so every
+  process runs the same number of steps and padding never counts in the metrics. Labels
+  keep their full resolution; a batch with labels of other sizes than the split's first
+  frame is padded with 255 to the largest, and 'label_shape' gives each example's
+  (height, width).
+  """
+
+  def __init__(self, source, size: tuple[int, int], normalization: str, global_batch: int,
+               process_index: int, process_count: int):
+    if global_batch % process_count:
+      raise UserError(f"eval batch size {global_batch} is not divisible by the "
+                      f"{process_count} JAX processes")
+    self.source = source
+    self.size = tuple(int(v) for v in size)
+    self.normalization = normalization
+    self.global_batch = int(global_batch)
+    self.local_batch = self.global_batch // process_count
+    self.offset = process_index * self.local_batch
+    # All-padding batches (the tail of some processes) still need a label shape: that of
+    # the split's first frame, the same on every process.
+    self.default_label_shape = tuple(np.shape(source[0]["label"])) if len(source) else (
+        self.size[1], self.size[0])
+
+  def num_steps(self) -> int:
+    return -(-len(self.source) // self.global_batch)
+
+  def __call__(self, step: int) -> dict[str, Any]:
+    width, height = self.size
+    images, labels, names, valid = [], [], [], []
+    for j in range(self.local_batch):
+      position = int(step) * self.global_batch + self.offset + j
+      if position < len(self.source):
+        example = self.source[position]
+        image = transforms.resize_image(example["image"], self.size)
+        images.append(transforms.normalize(image, self.normalization))
+        labels.append(np.asarray(example["label"], np.uint8))
+        names.append(example["name"])
+        valid.append(True)
+      else:
+        images.append(None)
+        labels.append(None)
+        names.append("")
+        valid.append(False)
+    shapes = [l.shape for l in labels if l is not None] + [self.default_label_shape]
+    label_height = max(s[0] for s in shapes)
+    label_width = max(s[1] for s in shapes)
+    image_batch = np.zeros((self.local_batch, height, width, 3), np.float32)
+    label_batch = np.full((self.local_batch, label_height, label_width), 255, np.uint8)
+    label_shape = np.zeros((self.local_batch, 2), np.int32)
+    for j, (image, label) in enumerate(zip(images, labels)):
+      if image is not None:
+        image_batch[j] = image
+        label_batch[j, :label.shape[0], :label.shape[1]] = label
+        label_shape[j] = label.shape
+    return {"image": image_batch, "label": label_batch, "label_shape": label_shape,
+            "name": np.array(names, dtype=object), "valid": np.array(valid)}
+
+
+def eval_loader(config, split: str | None = None, process_index: int = 0,
+                process_count: int = 1, *, dataset: str | None = None,
+                size: Sequence[int] | None = None) -> BatchIterator:
+  """Ordered, unshuffled batches of `dataset` (default config.data.target) `split`.
+
+  Images are resized to `size` (default config.data.test_size, bicubic); labels stay at
+  full resolution. Global batch config.eval.batch_size, sharded over processes. Pseudo
+  labelling reads 'cityscapes' 'train' through here too.
+  """
+  split = split or config.eval.split
+  name = dataset or config.data.target
+  if name.endswith("_pseudo"):
+    name = name[:-len("_pseudo")]
+  source = open_source(config, name, split)
+  maker = EvalBatchMaker(source, tuple(size or config.data.test_size),
+                         config.data.normalization, int(config.eval.batch_size),
+                         process_index, process_count)
+  return BatchIterator(maker, 0, int(_data_field(config, "workers", 0) or 0),
+                       num_steps=maker.num_steps())
+
+
+def num_eval_steps(config, split: str | None = None, *, dataset: str | None = None) -> int:
+  """Steps of `eval_loader` (the same on every process)."""
+  source = open_source(config, dataset or config.data.target, split or config.eval.split)
+  return -(-len(source) // int(config.eval.batch_size))

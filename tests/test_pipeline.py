@@ -1,0 +1,228 @@
+"""grain pipelines: shapes per stage, determinism across workers, resume, sharding, eval."""
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fada_jax import config_lib
+from fada_jax.data import labels as labels_lib
+from fada_jax.data import pipeline
+from fada_jax.errors import UserError
+
+
+def _rgb(seed, height, width):
+  return np.random.default_rng(seed).integers(0, 256, (height, width, 3), dtype=np.uint8)
+
+
+def _ids(seed, height, width):
+  rng = np.random.default_rng(seed + 1000)
+  ids = np.full((height, width), 7, np.uint8)  # road everywhere...
+  ids[: height // 2] = rng.choice([11, 21, 23], (height // 2, width))  # ...sky, trees, houses
+  if seed % 5 == 0:
+    ids[-4:, :6] = 33  # a rare bicycle
+  return ids
+
+
+@pytest.fixture(scope="module")
+def data_root(tmp_path_factory):
+  root = tmp_path_factory.mktemp("data")
+  (root / "gta5" / "images").mkdir(parents=True)
+  (root / "gta5" / "labels").mkdir(parents=True)
+  for i in range(10):
+    height, width = (26, 48) if i != 3 else (28, 50)  # one frame of another size
+    Image.fromarray(_rgb(i, height, width)).save(root / "gta5" / "images" / f"{i:05d}.png")
+    Image.fromarray(_ids(i, height, width)).save(root / "gta5" / "labels" / f"{i:05d}.png")
+  for split, count in (("train", 6), ("val", 5)):
+    for i in range(count):
+      city = "aachen" if i % 2 else "bonn"
+      stem = f"{city}_{i:06d}_000019"
+      image_dir = root / "cityscapes" / "leftImg8bit" / split / city
+      label_dir = root / "cityscapes" / "gtFine" / split / city
+      image_dir.mkdir(parents=True, exist_ok=True)
+      label_dir.mkdir(parents=True, exist_ok=True)
+      Image.fromarray(_rgb(100 + i, 32, 64)).save(image_dir / f"{stem}_leftImg8bit.png")
+      Image.fromarray(_ids(100 + i, 32, 64)).save(label_dir / f"{stem}_gtFine_labelIds.png")
+      pseudo = root / "pseudo" / city
+      pseudo.mkdir(parents=True, exist_ok=True)
+      train_ids = np.random.default_rng(i).integers(0, 19, (32, 64)).astype(np.uint8)
+      Image.fromarray(train_ids).save(pseudo / f"{stem}.png")
+  return root
+
+
+def _config(root, stage="adversarial", batch=4, workers=0):
+  config = config_lib.make_config("g2c", stage)
+  config.data.root = str(root)
+  config.data.workers = workers
+  config.data.source_size = (24, 12)
+  config.data.target_size = (32, 16)
+  config.data.test_size = (32, 16)
+  config.data.crop_size = (40, 20)
+  config.solver.batch_size = batch
+  config.solver.max_iter = config.solver.stop_iter = 20
+  config.eval.batch_size = 4
+  if stage == "self_distill":
+    config.data.pseudo_label_dir = str(root / "pseudo")
+  return config
+
+
+def _take(iterator, count):
+  return [next(iterator) for _ in range(count)]
+
+
+def _assert_same(batches_a, batches_b):
+  assert len(batches_a) == len(batches_b)
+  for a, b in zip(batches_a, batches_b):
+    np.testing.assert_array_equal(a["image"], b["image"])
+    np.testing.assert_array_equal(a["label"], b["label"])
+
+
+def test_adversarial_batches(data_root):
+  iterators = pipeline.make_train_iterators(_config(data_root))
+  assert set(iterators) == {"source", "target"}
+  source, target = next(iterators["source"]), next(iterators["target"])
+  assert source["image"].shape == (2, 12, 24, 3) and source["image"].dtype == np.float32
+  assert source["label"].shape == (2, 12, 24) and source["label"].dtype == np.uint8
+  assert target["image"].shape == (2, 16, 32, 3) and target["label"].shape == (2, 16, 32)
+  assert set(np.unique(source["label"])) <= {0, 2, 8, 10, 18, 255}
+  # ImageNet normalisation of uint8 data stays within these bounds.
+  assert source["image"].min() >= -2.2 and source["image"].max() <= 2.7
+  for iterator in iterators.values():
+    iterator.close()
+
+
+def test_source_only_and_self_distill_streams(data_root):
+  source_only = pipeline.make_train_iterators(_config(data_root, "source_only"))
+  assert set(source_only) == {"source"}
+  assert next(source_only["source"])["image"].shape == (4, 12, 24, 3)
+  self_distill = pipeline.make_train_iterators(_config(data_root, "self_distill"))
+  assert set(self_distill) == {"source"}
+  batch = next(self_distill["source"])
+  assert batch["image"].shape == (4, 20, 40, 3) and batch["label"].shape == (4, 20, 40)
+  # Pseudo labels are train ids as stored; scale-up crops of 32x64 frames rarely need padding.
+  assert set(np.unique(batch["label"])) <= set(range(19)) | {255}
+  with pytest.raises(UserError, match="no target stream"):
+    pipeline.target_loader(_config(data_root, "source_only"))
+
+
+def test_same_batches_whatever_the_worker_count(data_root):
+  # Worker processes take seconds to start: one stream (jittered, class-balanced) suffices.
+  serial = pipeline.source_loader(_config(data_root, workers=0))
+  parallel = pipeline.source_loader(_config(data_root, workers=2))
+  _assert_same(_take(serial, 4), _take(parallel, 4))
+  parallel.close()
+
+
+def test_resume_mid_epoch_gives_the_identical_continuation(data_root):
+  config = _config(data_root)
+  uninterrupted = pipeline.source_loader(config)
+  reference = _take(uninterrupted, 6)  # 12 draws: past the 10-file "epoch"
+  interrupted = pipeline.source_loader(config)
+  _take(interrupted, 2)
+  state = interrupted.get_state()
+  assert state == {"step": 2}
+  interrupted.close()
+  resumed = pipeline.source_loader(config)
+  resumed.set_state(state)
+  _assert_same(_take(resumed, 4), reference[2:])
+  _assert_same(_take(pipeline.target_loader(config, start_step=3), 2),
+               _take(pipeline.target_loader(config), 5)[3:])
+  _assert_same(_take(pipeline.source_loader(config, start_step=4), 2), reference[4:6])
+
+
+def test_processes_share_each_global_batch_exactly_once(data_root):
+  config = _config(data_root, "source_only", batch=4)
+  whole = _take(pipeline.source_loader(config), 3)
+  shares = [_take(pipeline.source_loader(config, p, 2), 3) for p in range(2)]
+  for step in range(3):
+    for key in ("image", "label"):
+      assert shares[0][step][key].shape[0] == 2
+      np.testing.assert_array_equal(
+          np.concatenate([shares[0][step][key], shares[1][step][key]]), whole[step][key])
+  with pytest.raises(UserError, match="not divisible"):
+    pipeline.source_loader(config, 0, 3)
+
+
+def test_source_stream_is_class_balanced(data_root):
+  config = _config(data_root, "source_only", batch=10)
+  batches = _take(pipeline.source_loader(config), 6)
+  with_bicycle = np.mean([(label == 18).any() for b in batches for label in b["label"]])
+  assert with_bicycle > 0.2 + 0.1  # 2 of 10 files hold the rare class
+
+
+def test_different_seeds_give_different_batches(data_root):
+  config = _config(data_root)
+  other = _config(data_root)
+  other.seed = 1
+  a = next(pipeline.source_loader(config))["image"]
+  b = next(pipeline.source_loader(other))["image"]
+  assert not np.array_equal(a, b)
+
+
+@pytest.mark.parametrize("process_count", [1, 2])
+def test_eval_loader_is_ordered_full_resolution_and_sharded(data_root, process_count):
+  config = _config(data_root)
+  names, labels = [], []
+  steps = pipeline.num_eval_steps(config)
+  assert steps == 2  # 5 frames, global batch 4
+  for process in range(process_count):
+    loader = pipeline.eval_loader(config, "val", process, process_count)
+    batches = list(loader)
+    assert len(batches) == steps
+    for batch in batches:
+      assert batch["image"].shape == (4 // process_count, 16, 32, 3)
+      assert batch["label"].shape[1:] == (32, 64)
+      for j in np.flatnonzero(batch["valid"]):
+        names.append(batch["name"][j])
+        labels.append(batch["label"][j])
+      assert (batch["label"][~batch["valid"]] == 255).all()
+  order = sorted(range(len(names)), key=names.__getitem__)
+  assert sorted(names) == ["aachen/aachen_000001_000019", "aachen/aachen_000003_000019",
+                           "bonn/bonn_000000_000019", "bonn/bonn_000002_000019",
+                           "bonn/bonn_000004_000019"]
+  first = labels[order[2]]  # bonn_000000
+  np.testing.assert_array_equal(first, labels_lib.label_lookup("cityscapes", 19)[
+      _ids(100, 32, 64)])
+
+
+def test_synthetic_streams(data_root):
+  config = config_lib.make_config("demo", "adversarial")
+  config.data.synthetic_size = 6
+  config.solver.max_iter = config.solver.stop_iter = 4
+  iterators = pipeline.make_train_iterators(config)
+  batch = next(iterators["source"])
+  assert batch["image"].shape[0] == config.solver.batch_size // 2
+  assert batch["image"].shape[1:3] == tuple(config.data.source_size)[::-1]
+  assert next(iterators["target"])["label"].dtype == np.uint8
+
+
+def test_unknown_dataset_and_format_are_user_errors(data_root):
+  config = _config(data_root)
+  config.data.source = "kitti"
+  with pytest.raises(UserError, match="kitti"):
+    pipeline.make_train_iterators(config)
+  config = _config(data_root)
+  with pytest.raises(UserError, match=r"gta5/images"):
+    config.data.root = str(data_root / "cityscapes")
+    pipeline.source_loader(config)
+
+
+def test_synthetic_self_distill_reads_pseudo_labels(tmp_path):
+  config = config_lib.make_config("demo", "self_distill")
+  config.data.synthetic_size = 3
+  config.data.pseudo_label_dir = str(tmp_path)
+  config.solver.max_iter = config.solver.stop_iter = 2
+  config.solver.batch_size = 2
+  config.data.scale_range = (1.0, 1.0)
+  config.data.flip = False
+  for i in range(3):
+    (tmp_path / "synthetic_target").mkdir(exist_ok=True)
+    Image.fromarray(np.full((128, 256), 5, np.uint8)).save(
+        tmp_path / "synthetic_target" / f"train_{i:06d}.png")
+  iterators = pipeline.make_train_iterators(config)
+  batch = next(iterators["source"])
+  width, height = config.data.crop_size
+  assert batch["image"].shape == (2, height, width, 3)
+  assert set(np.unique(batch["label"])) <= {5, 255}
+  (tmp_path / "synthetic_target" / "train_000001.png").unlink()
+  with pytest.raises(UserError, match="train_000001"):
+    pipeline.make_train_iterators(config)
