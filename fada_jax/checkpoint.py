@@ -205,8 +205,8 @@ def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
 # Training checkpoints (written and resumed by `fada_jax.train.loop`).
 #
 # DIR/checkpoints/<step>/ is one step of an orbax CheckpointManager:
-#   variables/  the model variables, in the layout of a model checkpoint (the live,
-#               replicated arrays; orbax writes each array once across processes)
+#   variables/  the model variables, in the layout of a model checkpoint (numpy copies
+#               of the replicated arrays, written once, by process 0)
 #   train/      {'step', 'opt_state', 'rng'}: the rest of the train state
 #   data/       JSON {'process_count': P, 'states': [the data iterator state of each process]}
 #   meta.json   {"format": "fada_jax.train", "step", "stage", "arch", "num_classes", ...}
@@ -281,11 +281,16 @@ class TrainingCheckpoints:
 
   def save(self, step: int, variables: Variables, train: Any, data: dict,
            meta: Meta) -> pathlib.Path:
-    """Writes step `step`: model variables, the rest of the train state and the data state."""
+    """Writes step `step`: model variables, the rest of the train state and the data state.
+
+    Arrays are saved as host numpy copies (`_to_numpy_tree`): orbax then writes each
+    once, from process 0, and the files restore on any device topology. The train state
+    is replicated, so every process holds the same copy.
+    """
     step = int(step)
     self._manager.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(variables),
-        train=ocp.args.StandardSave(train),
+        variables=ocp.args.StandardSave(_to_numpy_tree(variables)),
+        train=ocp.args.StandardSave(_to_numpy_tree(train)),
         data=ocp.args.JsonSave(data)), force=True)
     self._manager.wait_until_finished()
     self.write_meta(step, meta)
@@ -300,16 +305,15 @@ class TrainingCheckpoints:
     write_json_atomic(self.step_dir(step) / META_FILE, meta)
 
   def restore(self, step: int, variables_target: Any, train_target: Any) -> tuple[Any, Any, dict]:
-    """Reads step `step` into arrays shaped and placed like the targets.
+    """Reads step `step` as numpy trees shaped like the targets (trees of numpy arrays).
 
-    Targets are trees of arrays or `jax.ShapeDtypeStruct`s with shardings: the arrays
-    come back on the caller's mesh.
+    The caller places the arrays on its mesh; a checkpoint therefore resumes on any
+    number of devices.
     """
-    abstract = lambda tree: jax.tree_util.tree_map(ocp.utils.to_shape_dtype_struct, tree)
     try:
       restored = self._manager.restore(int(step), args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(abstract(variables_target)),
-          train=ocp.args.StandardRestore(abstract(train_target)),
+          variables=ocp.args.StandardRestore(variables_target),
+          train=ocp.args.StandardRestore(train_target),
           data=ocp.args.JsonRestore()))
     except Exception as e:  # a damaged checkpoint, or one of another network/stage
       first_line = (str(e).strip().splitlines() or [''])[0]
