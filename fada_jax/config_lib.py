@@ -107,6 +107,9 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   config.data.flip = stage == 'self_distill'
   config.data.color_jitter = (0.0, 0.0, 0.0, 0.0) if stage == 'source_only' else (
       0.5, 0.5, 0.5, 0.2)
+  # The release jitters the full source frame before resizing it; False jitters after
+  # the resize: equal up to rounding and much cheaper on large frames.
+  config.data.jitter_first = True
   config.data.normalization = 'caffe' if arch == 'vgg16' else 'imagenet'
   config.data.pseudo_label_dir = ''
   config.data.workers = 0 if demo else 4

@@ -122,13 +122,24 @@ def _training_source(config, stream: str):
 
 @dataclasses.dataclass(frozen=True)
 class ResizeTransform:
-  """Stages 1-2: fixed-size resize (image bicubic, label nearest), optional jitter."""
+  """Stages 1-2: fixed-size resize (image bicubic, label nearest), optional jitter.
+
+  `jitter_first` jitters the full frame before resizing, as the release does; jitter
+  commutes with resizing up to rounding, so jittering the smaller frame is a cheaper
+  near-equivalent (config.data.jitter_first=False).
+  """
   size: tuple[int, int]
   color_jitter: tuple[float, float, float, float]
   normalization: str
+  jitter_first: bool = True
 
   def __call__(self, example, rng: np.random.Generator):
-    image = transforms.resize_and_jitter(example["image"], self.size, self.color_jitter, rng)
+    if self.jitter_first and any(self.color_jitter):
+      image = transforms.color_jitter(example["image"], self.color_jitter, rng)
+      image = transforms.resize_image(image, self.size)
+    else:
+      image = transforms.resize_and_jitter(example["image"], self.size, self.color_jitter,
+                                           rng)
     label = transforms.resize_label(example["label"], self.size)
     return transforms.normalize(image, self.normalization), label
 
@@ -141,16 +152,25 @@ class ScaleCropTransform:
   flip: bool
   color_jitter: tuple[float, float, float, float]
   normalization: str
+  jitter_first: bool = True
 
   def __call__(self, example, rng: np.random.Generator):
-    image, label = transforms.random_scale(example["image"], example["label"],
-                                           self.scale_range, rng)
-    image, label = transforms.random_crop(image, label, self.crop_size, rng)
-    if self.flip:
-      image, label = transforms.random_flip(image, label, rng)
-    # The release jitters the full frame before scaling; jitter commutes with scaling up
-    # to rounding, and on the crop it costs a fraction.
-    image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
+    image, label = example["image"], example["label"]
+    if self.jitter_first:
+      # The release's order: jitter the full frame, flip, scale, crop.
+      image = transforms.color_jitter(image, self.color_jitter, rng)
+      if self.flip:
+        image, label = transforms.random_flip(image, label, rng)
+      image, label = transforms.random_scale(image, label, self.scale_range, rng)
+      image, label = transforms.random_crop(image, label, self.crop_size, rng)
+    else:
+      # Jitter commutes with scaling up to rounding, and on the crop it costs a fraction.
+      image, label = transforms.random_scale(image, label, self.scale_range, rng)
+      image, label = transforms.random_crop(image, label, self.crop_size, rng)
+      if self.flip:
+        image, label = transforms.random_flip(image, label, rng)
+      image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
+    image = np.ascontiguousarray(image)
     return transforms.normalize(image, self.normalization), np.ascontiguousarray(label)
 
 
@@ -272,6 +292,10 @@ def _jitter(config) -> tuple[float, float, float, float]:
   return tuple(float(v) for v in config.data.color_jitter)
 
 
+def _jitter_first(config) -> bool:
+  return bool(_data_field(config, "jitter_first", True))
+
+
 def _class_presence(source, num_classes: int) -> np.ndarray:
   """bool [N, K] label-info table; sources that store or cache one provide it."""
   if hasattr(source, "class_presence"):
@@ -292,13 +316,13 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
     transform = ScaleCropTransform(
         tuple(int(v) for v in config.data.crop_size),
         tuple(float(v) for v in config.data.scale_range), bool(config.data.flip),
-        _jitter(config), normalization)
+        _jitter(config), normalization, _jitter_first(config))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
   if stream == "source":
     size = tuple(int(v) for v in config.data.source_size)
     jitter = _jitter(config) if config.stage == "adversarial" else (0.0, 0.0, 0.0, 0.0)
-    transform = ResizeTransform(size, jitter, normalization)
+    transform = ResizeTransform(size, jitter, normalization, _jitter_first(config))
     total = int(config.solver.max_iter) * global_batch
     presence = _class_presence(source, int(config.model.num_classes))
     order = sampling.class_balanced_order(
