@@ -1,5 +1,7 @@
 """grain pipelines: shapes per stage, determinism across workers, resume, sharding, eval."""
 
+import shutil
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -246,3 +248,17 @@ def test_jitter_first_follows_the_release_order():
   # The cheap order is close but not identical: rounding happens at another resolution.
   assert not np.array_equal(got_first, got_after)
   assert np.abs(got_first - got_after).mean() < 0.1
+
+
+def test_a_data_error_in_a_worker_process_is_the_same_one_line_error(data_root, tmp_path,
+                                                                   capfd):
+  root = tmp_path / "data"
+  shutil.copytree(data_root / "cityscapes", root / "cityscapes")
+  broken = next((root / "cityscapes" / "leftImg8bit" / "val").rglob("*.png"))
+  broken.write_bytes(broken.read_bytes()[:40])  # truncated
+  loader = pipeline.eval_loader(_config(root, workers=2), "val")
+  with pytest.raises(UserError, match=broken.name):
+    for _ in loader:
+      pass
+  loader.close()
+  assert "Traceback" not in capfd.readouterr().err  # workers print nothing of their own

@@ -213,6 +213,26 @@ class BatchMaker:
 # ----------------------------------------------------------------------------- iterators
 
 
+_ERROR_KEY = "_user_error"
+
+
+class _ErrorAsValue:
+  """Carries a UserError out of grain's worker processes as data.
+
+  grain re-raises a worker's exception as a bare error with a traceback; returning the
+  message lets the consumer raise the original one-line error instead.
+  """
+
+  def __init__(self, make_batch: Callable[[int], Any]):
+    self.make_batch = make_batch
+
+  def __call__(self, step: int):
+    try:
+      return self.make_batch(step)
+    except UserError as e:
+      return {_ERROR_KEY: str(e)}
+
+
 class BatchIterator(Iterator):
   """Iterator of per-step batches with checkpointable state {'step': int}."""
 
@@ -229,7 +249,7 @@ class BatchIterator(Iterator):
     self.close()
     self._step = int(step)
     dataset = grain.MapDataset.range(self._step, max(self._step, self._num_steps))
-    dataset = dataset.map(self._make_batch)
+    dataset = dataset.map(_ErrorAsValue(self._make_batch))
     if self._workers > 0:
       # grain's worker processes read its absl flags; outside an absl app (tests, notebooks,
       # tools) they are unparsed, so take their defaults.
@@ -251,6 +271,8 @@ class BatchIterator(Iterator):
 
   def __next__(self):
     batch = next(self._iterator)
+    if _ERROR_KEY in batch:
+      raise UserError(batch[_ERROR_KEY])
     self._step += 1
     return batch
 
