@@ -1,0 +1,197 @@
+"""Throughput benchmarks of fada_jax, one `--mode` each.
+
+  python tools/benchmark.py --mode=eval --arch=resnet101 --batch=1 --size=1024x512 --steps=3 --json
+  python tools/benchmark.py --mode=eval --backend=torch ...   (the same network in PyTorch)
+
+`--mode=eval` times jit-compiled single-scale inference: a batch of WxH images -> logits
+upsampled (align corners) to 2Wx2H (Cityscapes' label size for the 1024x512 test size)
+-> argmax, after a warm-up step, and prints the median step time, images/s and the FLOPs
+of a step from XLA's cost analysis of the compiled function. Weights are random: speed
+does not depend on their values (no weights download needed).
+
+Modes register themselves with `register_mode(name, add_arguments, run)`: `run(args)`
+returns the dict printed as one JSON line with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+from typing import Any
+
+_TOOLS = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(_TOOLS))  # the repo, for a run from a source checkout
+
+_MODES: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
+                        Callable[[argparse.Namespace], dict[str, Any]]]] = {}
+
+
+def register_mode(name: str, add_arguments: Callable[[argparse.ArgumentParser], None],
+                  run: Callable[[argparse.Namespace], dict[str, Any]]) -> None:
+  _MODES[name] = (add_arguments, run)
+
+
+def parse_size(text: str) -> tuple[int, int]:
+  """'1024x512' -> (width, height)."""
+  try:
+    width, height = (int(v) for v in text.lower().split("x"))
+  except ValueError:
+    raise argparse.ArgumentTypeError(f"size must be WIDTHxHEIGHT, e.g. 1024x512, got {text!r}")
+  if width <= 0 or height <= 0:
+    raise argparse.ArgumentTypeError(f"size must be positive, got {text!r}")
+  return width, height
+
+
+def time_steps(step: Callable[[], Any], steps: int, warmup: int = 1) -> list[float]:
+  """Wall-clock seconds of `steps` calls of `step` (which must block) after `warmup`."""
+  for _ in range(warmup):
+    step()
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    step()
+    times.append(time.perf_counter() - start)
+  return times
+
+
+# ----------------------------------------------------------------------------- eval
+
+
+def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+  parser.add_argument("--arch", default="resnet101",
+                      choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+  parser.add_argument("--width", type=int, default=64, help="ResNet base width (64 = published)")
+  parser.add_argument("--num-classes", type=int, default=19)
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                      help="torch intra-op threads (JAX on CPU uses every core)")
+  parser.add_argument("--channels-last", action="store_true", help="torch: NHWC memory format")
+  parser.add_argument("--no-transforms", action="store_true",
+                      help="jax: run the plain network (no BN folding, every conv as a convolution)")
+
+
+def _random_variables(config, seed: int = 0) -> dict:
+  """He-scaled kernels and non-trivial BN statistics on the network's variable shapes."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fada_jax import models  # pylint: disable=g-import-not-at-top
+  shapes = jax.eval_shape(
+      lambda: models.init_variables(models.build(config), jax.random.PRNGKey(0), config))
+  rng = np.random.default_rng(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if "kernel" in name:
+      scale = 0.01 if "classifier" in name else np.sqrt(2.0 / np.prod(leaf.shape[:-1]))
+      return (scale * rng.standard_normal(leaf.shape)).astype(np.float32)
+    if "'var'" in name or "'scale'" in name:
+      return (1.0 + 0.2 * rng.random(leaf.shape)).astype(np.float32)
+    return (0.1 * rng.standard_normal(leaf.shape)).astype(np.float32)
+
+  return jax.tree_util.tree_map_with_path(fill, shapes)
+
+
+def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fada_jax import config_lib, evaluate  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config("g2c", "source_only", args.arch)
+  config.model.width = args.width
+  config.model.num_classes = args.num_classes
+  transforms = not args.no_transforms
+  predictor = evaluate.Predictor(config, fold_batch_norm=transforms,
+                                 convs_as_matmuls=transforms)
+  variables = predictor.place_variables(_random_variables(config))
+  width, height = args.size
+  if args.batch % predictor.num_devices:
+    raise SystemExit(f"--batch={args.batch} must be a multiple of the {predictor.num_devices} "
+                     "devices")
+  images = np.random.default_rng(0).standard_normal((args.batch, height, width, 3),
+                                                    dtype=np.float32)
+  images = predictor.global_batch(images)
+  out_hw = (2 * height, 2 * width)
+  start = time.perf_counter()
+  compiled = predictor._predict.lower(variables, images, out_hw=out_hw).compile()  # pylint: disable=protected-access
+  compile_seconds = time.perf_counter() - start
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  times = time_steps(lambda: compiled(variables, images).block_until_ready(), args.steps)
+  return {"flops_per_step": float(cost.get("flops", float("nan"))) if cost else None,
+          "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+          "compile_seconds": round(compile_seconds, 2), "transforms": transforms,
+          "step_seconds": [round(t, 4) for t in times]}
+
+
+def _eval_torch(args: argparse.Namespace) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, _TOOLS)
+  import torch_reference  # pylint: disable=g-import-not-at-top
+  torch.set_num_threads(args.threads)
+  depth = int(args.arch[len("resnet"):])
+  model = torch_reference.DeepLabResNet(depth, args.num_classes, args.width).eval()
+  torch_reference.randomize_batch_norm(model)
+  width, height = args.size
+  images = torch.randn(args.batch, 3, height, width)
+  if args.channels_last:
+    model = model.to(memory_format=torch.channels_last)
+    images = images.contiguous(memory_format=torch.channels_last)
+  out_hw = (2 * height, 2 * width)
+  with torch.inference_mode():
+    from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
+    counter = FlopCounterMode(display=False)
+    with counter:
+      torch_reference.segment(model, images, out_hw)
+    times = time_steps(lambda: torch_reference.segment(model, images, out_hw), args.steps)
+  return {"flops_per_step": float(counter.get_total_flops()), "devices": 1,
+          "platform": "cpu", "threads": torch.get_num_threads(),
+          "channels_last": args.channels_last, "step_seconds": [round(t, 4) for t in times]}
+
+
+def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+  result = (_eval_jax if args.backend == "jax" else _eval_torch)(args)
+  median = statistics.median(result["step_seconds"])
+  return dict({"mode": "eval", "backend": args.backend, "arch": args.arch,
+               "batch": args.batch, "size": f"{args.size[0]}x{args.size[1]}",
+               "step_seconds_median": round(median, 4),
+               "images_per_second": round(args.batch / median, 4)}, **result)
+
+
+register_mode("eval", _add_eval_arguments, run_eval)
+
+
+# ----------------------------------------------------------------------------- main
+
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  probe = argparse.ArgumentParser(add_help=False)
+  probe.add_argument("--mode", choices=sorted(_MODES))
+  mode = probe.parse_known_args(argv)[0].mode
+  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
+  parser.add_argument("--mode", choices=sorted(_MODES), required=True)
+  parser.add_argument("--batch", type=int, default=1)
+  parser.add_argument("--size", type=parse_size, default=(1024, 512), help="WIDTHxHEIGHT")
+  parser.add_argument("--steps", type=int, default=3, help="timed steps after warm-up")
+  parser.add_argument("--json", action="store_true", help="print one JSON line")
+  if mode is not None:
+    _MODES[mode][0](parser)
+  args = parser.parse_args(argv)
+  if args.batch < 1 or args.steps < 1:
+    parser.error("--batch and --steps must be positive")
+  result = _MODES[args.mode][1](args)
+  if args.json:
+    print(json.dumps(result), flush=True)
+  else:
+    for key, value in result.items():
+      print(f"{key:>22}: {value}")
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
