@@ -2,6 +2,7 @@
 
   python tools/benchmark.py --mode=eval --arch=resnet101 --batch=1 --size=1024x512 --steps=3 --json
   python tools/benchmark.py --mode=eval --backend=torch ...   (the same network in PyTorch)
+  python tools/benchmark.py --mode=data --dataset=gta5 --data_root=/data --workers=4 --batch=8 --steps=20 --json
 
 `--mode=eval` times jit-compiled single-scale inference: a batch of WxH images -> logits
 upsampled (align corners) to 2Wx2H (Cityscapes' label size for the 1024x512 test size)
@@ -162,6 +163,55 @@ def run_eval(args: argparse.Namespace) -> dict[str, Any]:
 
 
 register_mode("eval", _add_eval_arguments, run_eval)
+
+
+# ----------------------------------------------------------------------------- data
+
+
+def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--dataset", choices=("gta5", "cityscapes", "synthetic"), default="gta5",
+                      help="gta5: the stage-2 source path (1280x720, colour jitter); "
+                      "cityscapes: the stage-2 target path (1024x512); synthetic: the "
+                      "demo's synthetic source")
+  parser.add_argument("--data_root", default="", help="folder holding gta5/, cityscapes/")
+  parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
+  parser.add_argument("--format", choices=("folder", "array_record"), default="folder")
+  parser.add_argument("--jitter_after_resize", action="store_true",
+                      help="jitter the resized frame (config.data.jitter_first=False)")
+
+
+def run_data(args: argparse.Namespace) -> dict[str, Any]:
+  """Images/s of the stage-2 input path: read, decode, resize, jitter, normalise, batch."""
+  from fada_jax import config_lib
+  from fada_jax.data import pipeline
+  from fada_jax.errors import UserError
+
+  config = config_lib.make_config("demo" if args.dataset == "synthetic" else "g2c",
+                                  "adversarial")
+  config.data.root = args.data_root
+  config.data.format = args.format
+  config.data.workers = args.workers
+  config.data.jitter_first = not args.jitter_after_resize
+  config.solver.batch_size = 2 * args.batch  # the source stream gets half
+  try:
+    iterator = (pipeline.target_loader if args.dataset == "cityscapes"
+                else pipeline.source_loader)(config)
+    next(iterator)  # worker start-up, label-info table, first batch
+    times = time_steps(lambda: next(iterator), args.steps, warmup=0)
+  except UserError as e:
+    print(f"error: {e}", file=sys.stderr)
+    sys.exit(2)
+  iterator.close()
+  median = statistics.median(times)
+  return {"mode": "data", "dataset": args.dataset, "format": args.format,
+          "workers": args.workers, "batch": args.batch,
+          "jitter_first": bool(config.data.jitter_first),
+          "step_seconds_median": round(median, 4),
+          "images_per_second": round(args.batch / median, 3),
+          "images_per_second_per_worker": round(args.batch / median / max(args.workers, 1), 3)}
+
+
+register_mode("data", _add_data_arguments, run_data)
 
 
 # ----------------------------------------------------------------------------- main
