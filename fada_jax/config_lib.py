@@ -52,9 +52,11 @@ def _solver(stage, task):
   solver.soft_label_max = 0.9   # stage 2: soft labels clipped (not renormalised) at this
   solver.adv_weight = 0.001     # stage 2: weight of the generator's adversarial loss
   if task == 'demo':
-    # Small networks from scratch: a larger rate, a short schedule, frequent saves.
-    solver.base_lr, solver.base_lr_d = 1e-2, 1e-4
-    solver.max_iter = {'source_only': 400, 'adversarial': 400, 'self_distill': 300}[stage]
+    # Small networks from scratch on a short schedule: larger rates, and a stronger
+    # adversarial signal so that 300 iterations of stage 2 move the target features.
+    solver.base_lr, solver.base_lr_d = 1e-2, 5e-4
+    solver.adv_weight = 0.01
+    solver.max_iter = {'source_only': 300, 'adversarial': 300, 'self_distill': 200}[stage]
     solver.stop_iter = solver.max_iter
     solver.checkpoint_every = 100
   return solver
@@ -114,7 +116,7 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   config.data.pseudo_label_dir = ''
   config.data.workers = 0 if demo else 4
   config.data.skip_corrupt = False
-  config.data.synthetic_size = 400  # frames per synthetic split
+  config.data.synthetic_size = 200  # frames per synthetic split
 
   config.solver = _solver(stage, task)
   if demo:

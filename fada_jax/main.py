@@ -90,6 +90,10 @@ def parse_flags(argv):
       path = arg[len('--config='):].split(':', 1)[0]
       if not os.path.isfile(path):
         _fail(f'config file not found: {path}')
+  if not any(arg.startswith(('--verbosity', '-v=', '--v=')) for arg in argv[1:]):
+    # orbax and grain log every save and worker start at INFO; keep the console for
+    # the progress bar, tables and errors.
+    argv = [*argv, '--verbosity=-1']
   try:
     return flags.FLAGS(argv)
   except flags.UnrecognizedFlagError as e:
