@@ -60,45 +60,84 @@ def test_sixteen_class_labels_map_the_shared_classes():
     assert s16[i]["label"][s16[i]["label"] != 255].max() < 16
 
 
-def _class_means(source, frames):
+def _class_means(source, frames, standardise=False):
   sums, counts = np.zeros((19, 3)), np.zeros(19)
   for i in frames:
     item = source[i]
+    image = _standardised(item["image"]) if standardise else item["image"]
     for c in range(19):
       mask = item["label"] == c
-      sums[c] += item["image"][mask].sum(axis=0)
+      sums[c] += image[mask].sum(axis=0)
       counts[c] += mask.sum()
   return sums / np.maximum(counts, 1)[:, None], counts
 
 
-def test_domains_differ_in_appearance_so_a_colour_classifier_does_not_transfer():
+def _standardised(image):
+  """Per-image, per-channel zero mean and unit variance: a crude unsupervised alignment."""
+  pixels = image.reshape(-1, 3).astype(np.float64)
+  return (image - pixels.mean(0)) / (pixels.std(0) + 1e-6)
+
+
+def _nearest_mean_accuracy(data, frames, means, counts, standardise=False):
+  correct = total = 0
+  for i in frames:
+    item = data[i]
+    valid = item["label"] != 255
+    image = _standardised(item["image"]) if standardise else item["image"].astype(np.float64)
+    distance = ((image[valid][:, None, :] - means[None]) ** 2).sum(-1)
+    distance[:, ~(counts > 0)] = np.inf
+    correct += (distance.argmin(1) == item["label"][valid]).sum()
+    total += valid.sum()
+  return correct / total
+
+
+def test_domains_share_layout_statistics():
   source = synthetic.make_synthetic_source("source", "train", 19, 60, seed=0, image_size=SIZE)
   target = synthetic.make_synthetic_source("target", "train", 19, 60, seed=0, image_size=SIZE)
-  source_means, source_counts = _class_means(source, range(30))
-  source_means_b, _ = _class_means(source, range(30, 60))
-  target_means, target_counts = _class_means(target, range(30))
+  np.testing.assert_allclose(source.class_presence().mean(0), target.class_presence().mean(0),
+                             atol=0.2)
+  fractions = []
+  for data in (source, target):
+    counts = sum(np.bincount(data.label19(i).ravel(), minlength=256) for i in range(60))
+    fractions.append(counts[:19] / counts.sum())
+  np.testing.assert_allclose(fractions[0], fractions[1], atol=0.03)
+  assert np.argsort(fractions[0])[-4:].tolist() == np.argsort(fractions[1])[-4:].tolist()
+
+
+def test_domains_differ_by_a_global_appearance_change():
+  source = synthetic.make_synthetic_source("source", "train", 19, 50, seed=0, image_size=SIZE)
+  target = synthetic.make_synthetic_source("target", "train", 19, 50, seed=0, image_size=SIZE)
+  source_means, source_counts = _class_means(source, range(20))
+  source_means_b, _ = _class_means(source, range(20, 40))
+  target_means, target_counts = _class_means(target, range(20))
   seen = (source_counts > 0) & (target_counts > 0)
   across = np.abs(source_means - target_means).mean(axis=1)[seen]
   within = np.abs(source_means - source_means_b).mean(axis=1)[seen]
-  assert (across > 25).mean() > 0.8, across
-  assert np.median(within) < np.median(across) / 3
+  # Class colours move clearly, but by a bounded amount (no arbitrary recolouring).
+  assert np.median(across) > 3 * np.median(within), (across, within)
+  assert np.median(across) > 15 and across.max() < 90, across
+  # The change is mostly one colour transform for all classes: an affine map of the source
+  # class colours explains most of it, and the brightness order of the classes survives.
+  design = np.concatenate([source_means[seen], np.ones((seen.sum(), 1))], axis=1)
+  fit, *_ = np.linalg.lstsq(design, target_means[seen], rcond=None)
+  residual = np.abs(design @ fit - target_means[seen]).mean(axis=1)
+  assert np.median(residual) < np.median(across) / 3, (residual, across)
+  luminance = np.array([0.299, 0.587, 0.114])
+  source_rank = np.argsort(np.argsort(source_means[seen] @ luminance))
+  target_rank = np.argsort(np.argsort(target_means[seen] @ luminance))
+  assert np.corrcoef(source_rank, target_rank)[0, 1] > 0.7
 
-  # Nearest class-mean colour, fitted on source frames: fine on the source, poor on target.
-  def accuracy(data, frames):
-    correct = total = 0
-    for i in frames:
-      item = data[i]
-      valid = item["label"] != 255
-      pixels = item["image"][valid].astype(np.float64)
-      distance = ((pixels[:, None, :] - source_means[None]) ** 2).sum(-1)
-      distance[:, ~(source_counts > 0)] = np.inf
-      correct += (distance.argmin(1) == item["label"][valid]).sum()
-      total += valid.sum()
-    return correct / total
-  source_accuracy = accuracy(source, range(30, 40))
-  target_accuracy = accuracy(target, range(30, 40))
+  # Nearest class-mean colour, fitted on source frames: fine on the source, poor on the
+  # target; standardising each image's colours (domain alignment at its crudest)
+  # recovers part of the loss.
+  frames = range(40, 50)
+  source_accuracy = _nearest_mean_accuracy(source, frames, source_means, source_counts)
+  target_accuracy = _nearest_mean_accuracy(target, frames, source_means, source_counts)
   assert source_accuracy > 0.6, source_accuracy
   assert target_accuracy < source_accuracy - 0.3, (source_accuracy, target_accuracy)
+  means, counts = _class_means(source, range(20), standardise=True)
+  aligned_accuracy = _nearest_mean_accuracy(target, frames, means, counts, standardise=True)
+  assert aligned_accuracy > target_accuracy + 0.1, (target_accuracy, aligned_accuracy)
 
 
 def test_written_folders_read_back_through_the_folder_sources(tmp_path):
