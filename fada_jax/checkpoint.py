@@ -222,17 +222,6 @@ TRAIN_FORMAT_VERSION = 1
 TRAIN_ITEMS = ('variables', 'train', 'data')
 
 
-def _restore_tree_as_numpy(directory: pathlib.Path) -> Any:
-  """Restores an orbax tree as host numpy arrays, whatever devices wrote it."""
-  directory = directory.absolute()
-  with ocp.Checkpointer(ocp.StandardCheckpointHandler()) as checkpointer:
-    metadata = checkpointer.metadata(directory)
-    tree = getattr(metadata, 'item_metadata', metadata)
-    tree = getattr(tree, 'tree', tree)
-    target = jax.tree_util.tree_map(lambda m: np.zeros(m.shape, m.dtype), tree)
-    return checkpointer.restore(directory, args=ocp.args.StandardRestore(target))
-
-
 def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
   version = meta.get('format_version')
   if version != TRAIN_FORMAT_VERSION:
@@ -242,7 +231,11 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   if not variables_dir.is_dir():
     raise UserError(f'training checkpoint is incomplete (no variables/): {path}')
   try:
-    variables = _restore_tree_as_numpy(variables_dir)
+    # Through the step's composite layout (reads its metadata); the arrays were saved
+    # as numpy, so they come back as numpy whatever devices this process has.
+    with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+      variables = checkpointer.restore(path.absolute(), args=ocp.args.Composite(
+          variables=ocp.args.StandardRestore()))['variables']
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
     reason = (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
     if len(reason) > 300:

@@ -214,6 +214,166 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
 register_mode("data", _add_data_arguments, run_data)
 
 
+# ----------------------------------------------------------------------------- train
+
+
+def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--backend", choices=("jax", "torch"), default="jax")
+  parser.add_argument("--arch", default="resnet101",
+                      choices=("resnet18", "resnet34", "resnet50", "resnet101", "resnet152"))
+  parser.add_argument("--stage", choices=("adversarial", "source_only", "self_distill"),
+                      default="adversarial")
+  parser.add_argument("--width", type=int, default=64, help="ResNet base width (64 = published)")
+  parser.add_argument("--num-classes", type=int, default=19)
+  parser.add_argument("--target-size", type=parse_size, default=None,
+                      help="stage 2 target WIDTHxHEIGHT (default: --size)")
+  parser.add_argument("--dtype", choices=("float32", "bfloat16"), default="float32")
+  parser.add_argument("--remat", action="store_true", help="rematerialise backbone blocks")
+  parser.add_argument("--freeze-bn", choices=("true", "false"), default="true")
+  parser.add_argument("--matmul-convs", choices=("auto", "on", "off"), default="auto",
+                      help="jax: convolution weight gradients as matrix products "
+                           "(auto = on for CPU; see fada_jax/train/fast_conv.py)")
+  parser.add_argument("--memory", action="store_true",
+                      help="jax: add XLA's memory analysis of the compiled step")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="jax: compile (for --memory and the FLOP count) without running")
+  parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
+                      help="torch intra-op threads (JAX on CPU uses every core)")
+
+
+def _train_batch_shapes(args) -> dict[str, tuple[int, ...]]:
+  width, height = args.size
+  if args.stage != "adversarial":
+    return {"image": (args.batch, height, width, 3), "label": (args.batch, height, width)}
+  if args.batch % 2:
+    raise SystemExit(f"--batch={args.batch}: stage 2 splits it into equal source and "
+                     "target halves, so it must be even")
+  target_width, target_height = args.target_size or args.size
+  half = args.batch // 2
+  return {"source_image": (half, height, width, 3), "source_label": (half, height, width),
+          "target_image": (half, target_height, target_width, 3)}
+
+
+def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from fada_jax import config_lib, models  # pylint: disable=g-import-not-at-top
+  from fada_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  from fada_jax.train import parallel, state as state_lib, steps  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config("g2c", args.stage, args.arch)
+  config.model.width = args.width
+  config.model.num_classes = args.num_classes
+  config.model.dtype = args.dtype
+  config.model.remat = args.remat
+  config.model.freeze_bn = args.freeze_bn == "true"
+  config.solver.batch_size = args.batch
+  network = models.build(config)
+  mesh = parallel.make_mesh()
+  try:
+    parallel.local_batch_sizes(config, mesh)
+  except UserError as error:
+    raise SystemExit(f"error: {error}")
+  matmul_convs = {"auto": None, "on": True, "off": False}[args.matmul_convs]
+
+  def make_state():
+    variables = models.init_variables(network, jax.random.PRNGKey(0), config)
+    return state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(1))
+
+  abstract_state = jax.eval_shape(make_state)
+  shardings = parallel.state_sharding(abstract_state, mesh)
+  step = parallel.jit_step(steps.make_step(config, network, abstract_state, matmul_convs),
+                           mesh, shardings)
+  shapes = _train_batch_shapes(args)
+  batch_sharding = parallel.batch_sharding(mesh)
+  abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.uint8 if "label" in k else jnp.float32,
+                                            sharding=batch_sharding)
+                    for k, s in shapes.items()}
+  abstract_state = jax.tree_util.tree_map(
+      lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
+      abstract_state, shardings)
+  start = time.perf_counter()
+  compiled = step.lower(abstract_state, abstract_batch).compile()
+  compile_seconds = time.perf_counter() - start
+  result: dict[str, Any] = {"devices": jax.device_count(),
+                            "platform": jax.devices()[0].platform, "dtype": args.dtype,
+                            "remat": args.remat, "compile_seconds": round(compile_seconds, 2)}
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  result["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else None
+  if args.memory:
+    memory = compiled.memory_analysis()
+    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+              "temp_size_in_bytes", "generated_code_size_in_bytes")
+    sizes = {f: int(getattr(memory, f, 0) or 0) for f in fields}
+    sizes["peak_estimate_bytes"] = (sizes["argument_size_in_bytes"]
+                                    + sizes["output_size_in_bytes"]
+                                    - sizes["alias_size_in_bytes"]
+                                    + sizes["temp_size_in_bytes"])
+    result["memory"] = sizes
+    result["memory_gib"] = {k.replace("_in_bytes", "").replace("_bytes", ""):
+                            round(v / 2**30, 3) for k, v in sizes.items()}
+  if args.compile_only:
+    result["step_seconds"] = []
+    return result
+  rng = np.random.default_rng(0)
+  local = {}
+  for key, shape in shapes.items():
+    if "label" in key:
+      labels = rng.integers(0, args.num_classes, shape).astype(np.uint8)
+      labels[rng.random(shape) < 0.1] = 255
+      local[key] = labels
+    else:
+      local[key] = rng.standard_normal(shape, dtype=np.float32)
+  batch = parallel.shard_batch(local, mesh)
+  holder = {"state": jax.device_put(jax.jit(make_state)(), shardings)}
+
+  def run_step():
+    holder["state"], metrics = compiled(holder["state"], batch)
+    jax.block_until_ready(metrics)
+
+  result["step_seconds"] = [round(t, 4) for t in time_steps(run_step, args.steps)]
+  return result
+
+
+def _train_torch(args: argparse.Namespace) -> dict[str, Any]:
+  import torch  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, _TOOLS)
+  import torch_train_step  # pylint: disable=g-import-not-at-top
+  if args.stage != "adversarial" or args.memory or args.compile_only or args.dtype != "float32":
+    raise SystemExit("--backend=torch times the float32 stage-2 step only")
+  torch.set_num_threads(args.threads)
+  torch.manual_seed(0)
+  trainer = torch_train_step.AdversarialTrainer(int(args.arch[len("resnet"):]),
+                                                args.num_classes, args.width)
+  shapes = _train_batch_shapes(args)
+  nchw = lambda s: (s[0], s[3], s[1], s[2])  # noqa: E731
+  source = torch.randn(nchw(shapes["source_image"]))
+  target = torch.randn(nchw(shapes["target_image"]))
+  labels = torch.randint(0, args.num_classes, shapes["source_label"])
+  labels[torch.rand(shapes["source_label"]) < 0.1] = 255
+  times = time_steps(lambda: trainer.step(source, labels, target), args.steps)
+  return {"devices": 1, "platform": "cpu", "threads": torch.get_num_threads(),
+          "dtype": "float32", "flops_per_step": None,
+          "step_seconds": [round(t, 4) for t in times]}
+
+
+def run_train(args: argparse.Namespace) -> dict[str, Any]:
+  result = (_train_jax if args.backend == "jax" else _train_torch)(args)
+  times = result["step_seconds"]
+  median = statistics.median(times) if times else None
+  return dict({"mode": "train", "backend": args.backend, "arch": args.arch,
+               "stage": args.stage, "batch": args.batch,
+               "size": f"{args.size[0]}x{args.size[1]}",
+               "target_size": "x".join(map(str, args.target_size or args.size)),
+               "step_seconds_median": round(median, 4) if median else None,
+               "images_per_second": round(args.batch / median, 4) if median else None},
+              **result)
+
+
+register_mode("train", _add_train_arguments, run_train)
+
+
 # ----------------------------------------------------------------------------- main
 
 

@@ -1,0 +1,467 @@
+"""The training loop of every FADA stage: `train_and_evaluate(config, workdir)`.
+
+One loop for the three stages; `config.stage` picks the step function (`train.steps`)
+and the data streams (`data.pipeline`). The run lives in one folder:
+
+  DIR/checkpoints/<step>/   orbax training checkpoints (see `checkpoint.TrainingCheckpoints`):
+                            every `solver.checkpoint_every` steps and at `solver.stop_iter`,
+                            the last `solver.keep_checkpoints` kept
+  DIR/metrics.jsonl         one JSON object every `log_every` steps (process 0)
+  DIR/tensorboard/          the same scalars as TensorBoard events (tensorboardX)
+  DIR/eval/metrics.json     target-domain evaluation of the final model
+
+Restarting with the same DIR resumes from the newest complete checkpoint: parameters,
+batch statistics, optimiser states, step, RNG and every process's data-iterator
+position, so the rest of the run computes exactly what an uninterrupted run computes.
+"""
+
+import json
+import math
+import os
+import pathlib
+import time
+from typing import Any
+
+import jax
+import numpy as np
+
+from fada_jax import checkpoint as checkpoint_lib
+from fada_jax import models as models_lib
+from fada_jax.errors import UserError
+from fada_jax.train import distributed
+from fada_jax.train import parallel
+from fada_jax.train import state as state_lib
+from fada_jax.train import steps as steps_lib
+
+CHECKPOINTS_DIR = 'checkpoints'
+EVAL_DIR = 'eval'
+METRICS_FILE = 'metrics.jsonl'
+EVAL_METRICS_FILE = 'metrics.json'
+
+
+# ---------------------------------------------------------------------------------------
+# Initial variables.
+
+
+def _path_name(path) -> str:
+  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
+                  for k in path)
+
+
+def _fit(part: str, loaded: Any, initial: Any, source: str, num_classes: int) -> Any:
+  """`loaded` with `initial`'s structure, shapes and dtypes, or a UserError naming a tensor."""
+  wanted = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(initial)[0]}
+  given = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
+  missing = sorted(set(wanted) - set(given))
+  if missing:
+    raise UserError(f'config.init_checkpoint={source}: {part}/{missing[0]} is missing '
+                    f'({len(missing)} tensor(s) of the config\'s network are not in it; '
+                    'is it a checkpoint of another architecture?)')
+  extra = sorted(set(given) - set(wanted))
+  if extra:
+    raise UserError(f'config.init_checkpoint={source}: {part}/{extra[0]} is not a tensor '
+                    f'of the config\'s network ({len(extra)} unexpected tensor(s); is it a '
+                    'checkpoint of another architecture?)')
+  for name, value in wanted.items():
+    shape = tuple(np.shape(given[name]))
+    if shape != tuple(value.shape):
+      hint = ''
+      if part in ('classifier', 'discriminator') and shape[-1:] != tuple(value.shape[-1:]):
+        hint = f' (config.model.num_classes={num_classes})'
+      raise UserError(f'config.init_checkpoint={source}: {part}/{name} has shape {shape}, '
+                      f'the config\'s network needs {tuple(value.shape)}{hint}')
+
+  def cast(path, value):
+    return np.asarray(given[_path_name(path)], dtype=value.dtype)
+
+  return jax.tree_util.tree_map_with_path(cast, initial)
+
+
+def initial_variables(config, models, rng: jax.Array) -> dict:
+  """Random variables, with the parts `config.init_checkpoint` provides loaded over them.
+
+  An ImageNet checkpoint fills the feature extractor; a FADA checkpoint (e.g. stage 1's
+  final step) fills the feature extractor and the classifier. The discriminator always
+  starts from random (stage 2 trains a fresh one, as the release does).
+  """
+  source = config.init_checkpoint
+  if not source:
+    return models_lib.init_variables(models, rng, config)
+  loaded, meta = checkpoint_lib.load_model(source)
+  arch = meta.get('arch')
+  if arch and arch != config.model.arch:
+    raise UserError(f'config.init_checkpoint={source} holds a {arch} network but '
+                    f'config.model.arch={config.model.arch}')
+  parts = ['feature_extractor']
+  if meta.get('kind') != 'imagenet':
+    parts.append('classifier')
+    classes = meta.get('num_classes')
+    if classes is not None and 'classifier' in loaded and int(classes) != config.model.num_classes:
+      raise UserError(f'config.init_checkpoint={source} predicts {classes} classes but '
+                      f'config.model.num_classes={config.model.num_classes}')
+  parts = [p for p in parts if p in loaded]
+  if 'feature_extractor' not in parts:
+    raise UserError(f'config.init_checkpoint={source} holds no feature extractor '
+                    f'(parts: {", ".join(sorted(loaded))})')
+  # Check against the shapes first (no compilation), so a wrong file fails at once.
+  abstract = jax.eval_shape(lambda r: models_lib.init_variables(models, r, config), rng)
+  fitted = {}
+  for part in parts:
+    given = {k: loaded[part].get(k, {}) for k in abstract[part]}
+    fitted[part] = _fit(part, given, abstract[part], source, config.model.num_classes)
+  variables = models_lib.init_variables(models, rng, config)
+  variables.update(fitted)
+  return variables
+
+
+# ---------------------------------------------------------------------------------------
+# State <-> checkpoint items.
+
+
+def _checkpoint_items(state: state_lib.TrainState) -> tuple[dict, dict]:
+  """(model variables in the model-checkpoint layout, the rest of the train state)."""
+  variables = {'feature_extractor': {'params': state.params['feature_extractor'],
+                                     'batch_stats': state.batch_stats['feature_extractor']},
+               'classifier': {'params': state.params['classifier']}}
+  if 'discriminator' in state.params:
+    variables['discriminator'] = {'params': state.params['discriminator']}
+  train = {'step': state.step, 'opt_state': state.opt_state, 'rng': state.rng}
+  return variables, train
+
+
+def _state_from_items(state: state_lib.TrainState, variables: dict,
+                      train: dict) -> state_lib.TrainState:
+  params = {name: variables[name]['params'] for name in state.params}
+  batch_stats = dict(state.batch_stats,
+                     feature_extractor=variables['feature_extractor']['batch_stats'])
+  return state.replace(step=train['step'], params=params, batch_stats=batch_stats,
+                       opt_state=train['opt_state'], rng=train['rng'])
+
+
+def _checkpoint_meta(config, variables: dict) -> dict:
+  return {'arch': config.model.arch, 'num_classes': int(config.model.num_classes),
+          'kind': 'fada', 'stage': config.stage, 'task': config.task,
+          'source': 'training', 'parts': sorted(variables),
+          'config': json.loads(config.to_json())}
+
+
+# ---------------------------------------------------------------------------------------
+# Data.
+
+
+class _StageBatches:
+  """This process's share of each step's batch, in the step function's layout.
+
+  source_only / self_distill: {'image', 'label'} of the labelled stream; adversarial:
+  {'source_image', 'source_label', 'target_image'}. The state is that of every stream
+  (the next step of each), so a resumed run reads exactly the batches it would have.
+  """
+
+  def __init__(self, config, start_step: int = 0):
+    from fada_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+    self._adversarial = config.stage == 'adversarial'
+    self._streams = data_pipeline.make_train_iterators(
+        config, process_index=jax.process_index(), process_count=jax.process_count(),
+        start_step=start_step)
+
+  def __next__(self) -> dict:
+    if not self._adversarial:
+      batch = next(self._streams['source'])
+      return {'image': batch['image'], 'label': batch['label']}
+    source, target = next(self._streams['source']), next(self._streams['target'])
+    return {'source_image': source['image'], 'source_label': source['label'],
+            'target_image': target['image']}
+
+  def get_state(self) -> dict:
+    return {name: stream.get_state() for name, stream in self._streams.items()}
+
+  def set_state(self, state: dict) -> None:
+    if sorted(state) != sorted(self._streams):
+      raise UserError(f'the checkpoint\'s data state has streams {sorted(state)}, this '
+                      f'stage reads {sorted(self._streams)}')
+    for name, stream in self._streams.items():
+      if stream.get_state() != state[name]:  # restarting a stream costs its workers
+        stream.set_state(state[name])
+
+  def close(self) -> None:
+    for stream in self._streams.values():
+      stream.close()
+
+
+def _gather_data_states(iterator) -> dict:
+  """Every process's iterator state, for process 0's checkpoint."""
+  state = iterator.get_state()
+  return {'process_count': jax.process_count(),
+          'states': distributed.allgather_json(state)}
+
+
+def _restore_data_state(iterator, data: dict, step_dir: pathlib.Path) -> None:
+  count = int(data.get('process_count', 1))
+  if count != jax.process_count():
+    raise UserError(f'{step_dir} was written by {count} process(es); resume it with '
+                    f'--num_processes={count} (this run has {jax.process_count()})')
+  iterator.set_state(data['states'][jax.process_index()])
+
+
+# ---------------------------------------------------------------------------------------
+# Logging (process 0).
+
+
+class _Logger:
+  """metrics.jsonl, TensorBoard and the progress bar; silent on processes other than 0."""
+
+  def __init__(self, config, workdir: pathlib.Path, start_step: int):
+    self.active = distributed.is_main_process()
+    self._writer = None
+    self._bar = None
+    if not self.active:
+      return
+    workdir.mkdir(parents=True, exist_ok=True)
+    self._path = workdir / METRICS_FILE
+    # Lines logged after the checkpoint we resume from belong to the lost stretch of
+    # the interrupted run; they are about to be computed again.
+    if self._path.exists():
+      kept = []
+      for line in self._path.read_text().splitlines():
+        try:
+          if json.loads(line).get('step', 0) <= start_step:
+            kept.append(line)
+        except json.JSONDecodeError:
+          continue  # a line cut short by a kill
+      self._path.write_text(''.join(f'{line}\n' for line in kept))
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    self._writer = SummaryWriter(str(workdir / 'tensorboard'))
+    from tqdm import tqdm  # pylint: disable=g-import-not-at-top
+    self._bar = tqdm(total=int(config.solver.stop_iter), initial=start_step,
+                     desc=config.stage, unit='step', dynamic_ncols=True, smoothing=0.1)
+
+  def advance(self, steps: int = 1) -> None:
+    if self._bar is not None:
+      self._bar.update(steps)
+
+  def write(self, record: dict) -> None:
+    if not self.active:
+      return
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(record) + '\n')
+    step = record['step']
+    for key, value in record.items():
+      if key != 'step':
+        self._writer.add_scalar(f'train/{key}', value, step)
+    self._writer.flush()
+    if self._bar is not None:
+      shown = {k: f'{v:.4g}' for k, v in record.items() if k.startswith('loss')}
+      self._bar.set_postfix(shown, refresh=False)
+
+  def note(self, message: str) -> None:
+    if not self.active:
+      return
+    if self._bar is not None:
+      self._bar.write(message)
+    else:
+      print(message, flush=True)
+
+  def close(self) -> None:
+    if self._bar is not None:
+      self._bar.close()
+    if self._writer is not None:
+      self._writer.close()
+
+
+class _PendingMetrics:
+  """Step metrics kept on device until the next log or checkpoint (no sync every step)."""
+
+  def __init__(self):
+    self._items = []
+
+  def add(self, step: int, metrics: dict) -> None:
+    self._items.append((step, metrics))
+
+  def drain(self) -> list:
+    """[(step, {name: float})] in step order; a non-finite loss is a UserError."""
+    items = jax.device_get(self._items)
+    self._items = []
+    out = []
+    for step, metrics in items:
+      values = {k: float(v) for k, v in metrics.items()}
+      for name, value in values.items():
+        if name.startswith('loss') and not math.isfinite(value):
+          raise _NonFiniteLoss(f'{name} is {value} at step {step}')
+      out.append((step, values))
+    return out
+
+
+class _NonFiniteLoss(Exception):
+  """Training diverged; `what` says how, e.g. 'loss_seg is nan at step 12'."""
+
+  def __init__(self, what: str):
+    super().__init__(what)
+    self.what = what
+
+
+# ---------------------------------------------------------------------------------------
+# The loop.
+
+
+def _evaluate(config, workdir: pathlib.Path, checkpoint_dir: pathlib.Path) -> dict:
+  """Target-domain evaluation of a checkpoint into DIR/eval/metrics.json."""
+  from fada_jax import evaluate  # pylint: disable=g-import-not-at-top
+  out_dir = workdir / EVAL_DIR
+  metrics = evaluate.evaluate_checkpoint(config, str(checkpoint_dir), str(out_dir))
+  if distributed.is_main_process():
+    out_dir.mkdir(parents=True, exist_ok=True)
+    record = dict(metrics, checkpoint=str(checkpoint_dir))
+    checkpoint_lib.write_json_atomic(out_dir / EVAL_METRICS_FILE, jsonable(record))
+    print(f'\n{config.stage}: {checkpoint_dir} on {config.data.target} '
+          f'{config.eval.split}\n{evaluate.format_table(metrics)}', flush=True)
+  return metrics
+
+
+def jsonable(value):
+  """`value` with numpy/jax arrays and scalars turned into JSON types."""
+  if isinstance(value, dict):
+    return {str(k): jsonable(v) for k, v in value.items()}
+  if isinstance(value, (list, tuple)):
+    return [jsonable(v) for v in value]
+  if isinstance(value, (np.ndarray, jax.Array)):
+    return jsonable(np.asarray(value).tolist())
+  if isinstance(value, (np.floating, np.integer)):
+    return value.item()
+  return value
+
+
+def _host_tree(tree) -> Any:
+  """Numpy copies of a replicated tree (every process holds the whole of each array)."""
+  return jax.tree_util.tree_map(lambda x: np.asarray(jax.device_get(x)), tree)
+
+
+def _all_finite(tree) -> bool:
+  return all(np.all(np.isfinite(x)) for x in jax.tree_util.tree_leaves(tree)
+             if np.issubdtype(x.dtype, np.floating))
+
+
+def train(config, workdir: str | os.PathLike) -> pathlib.Path:
+  """Trains `config.stage` up to `solver.stop_iter`; returns the final checkpoint folder."""
+  workdir = pathlib.Path(workdir).absolute()
+  distributed.check_same_config(config, extra=str(workdir))
+  solver = config.solver
+  stop_iter = int(solver.stop_iter)
+  checkpoint_every = int(solver.checkpoint_every)
+  log_every = max(1, int(config.log_every))
+
+  mesh = parallel.make_mesh()
+  parallel.local_batch_sizes(config, mesh)  # checks that the batch splits over devices
+  models = models_lib.build(config)
+  rng = jax.random.PRNGKey(int(config.seed))
+  init_rng, state_rng = jax.random.split(rng)
+
+  def make_state(variables, state_rng):
+    return state_lib.create_train_state(config, models, variables, state_rng)
+
+  # Shapes only (no compilation): what the state, its shardings and the step look like.
+  abstract_variables = jax.eval_shape(
+      lambda r: models_lib.init_variables(models, r, config), init_rng)
+  abstract_state = jax.eval_shape(make_state, abstract_variables, state_rng)
+  shardings = parallel.state_sharding(abstract_state, mesh)
+  step_fn = parallel.jit_step(steps_lib.make_step(config, models, abstract_state), mesh,
+                              shardings)
+
+  checkpoints = checkpoint_lib.TrainingCheckpoints(workdir / CHECKPOINTS_DIR,
+                                                   keep=solver.keep_checkpoints)
+  latest = checkpoints.latest_step()
+  start_step = 0
+  data = None
+  if latest is None:
+    variables = initial_variables(config, models, init_rng)
+    state = jax.jit(make_state, out_shardings=shardings)(variables, state_rng)
+    del variables
+  else:
+    target_variables, target_train = _checkpoint_items(_host_zeros(abstract_state))
+    item_variables, item_train, data = checkpoints.restore(latest, target_variables,
+                                                           target_train)
+    state = jax.device_put(_state_from_items(abstract_state, item_variables, item_train),
+                           shardings)
+    start_step = int(item_train['step'])
+    if start_step != latest:
+      raise UserError(f'{checkpoints.step_dir(latest)} holds step {start_step}, not {latest}')
+    checkpoints.write_meta(latest, _checkpoint_meta(config, item_variables))
+    del item_variables, item_train, target_variables, target_train
+  if start_step > stop_iter:
+    raise UserError(f'{checkpoints.step_dir(start_step)} is past config.solver.stop_iter='
+                    f'{stop_iter}; use a new --workdir or a larger stop_iter')
+  iterator = _StageBatches(config, start_step)
+  if data is not None:
+    _restore_data_state(iterator, data, checkpoints.step_dir(latest))
+
+  logger = _Logger(config, workdir, start_step)
+  if start_step:
+    logger.note(f'resumed from {checkpoints.step_dir(start_step)} (step {start_step})')
+  batch_images = int(solver.batch_size)
+  pending = _PendingMetrics()
+  last_good = latest
+  window = []  # (step, metrics) since the last log
+  window_start = None
+  window_steps = 0
+
+  try:
+    for step in range(start_step + 1, stop_iter + 1):
+      local_batch = next(iterator)
+      batch = parallel.shard_batch(local_batch, mesh)
+      state, metrics = step_fn(state, batch)
+      pending.add(step, metrics)
+      if window_start is None:
+        # The first step compiles; time the steady state from the end of it.
+        jax.block_until_ready(metrics)
+        window_start = time.perf_counter()
+      else:
+        window_steps += 1
+      logger.advance()
+
+      if step % log_every == 0 or step == stop_iter:
+        window.extend(pending.drain())
+        record = {'step': step}
+        for name in window[-1][1]:
+          if name.startswith('loss'):
+            record[name] = float(np.mean([values[name] for _, values in window]))
+          else:
+            record[name] = window[-1][1][name]
+        if window_steps:
+          step_time = (time.perf_counter() - window_start) / window_steps
+          record['step_time'] = step_time
+          record['images_per_second'] = batch_images / step_time
+        logger.write(record)
+        window, window_steps, window_start = [], 0, time.perf_counter()
+
+      if step % checkpoint_every == 0 or step == stop_iter:
+        # Never save a state that a non-finite loss may have produced: every loss up to
+        # this step is checked first, then the parameters themselves.
+        window.extend(pending.drain())
+        item_variables, item_train = _host_tree(_checkpoint_items(state))
+        if not _all_finite(item_variables):
+          raise _NonFiniteLoss(f'the parameters hold NaN or Inf after step {step}')
+        checkpoints.save(step, item_variables, item_train, _gather_data_states(iterator),
+                         _checkpoint_meta(config, item_variables))
+        last_good = step
+        del item_variables, item_train
+  except _NonFiniteLoss as e:
+    last = (f'the last good checkpoint is {checkpoints.step_dir(last_good)}'
+            if last_good is not None else 'no checkpoint was written')
+    raise UserError(f'{e.what} of {config.stage} (config.solver.base_lr={solver.base_lr}): '
+                    f'training diverged and stopped; {last}') from None
+  finally:
+    logger.close()
+    iterator.close()
+    checkpoints.close()
+  return checkpoints.step_dir(stop_iter)
+
+
+def _host_zeros(abstract) -> Any:
+  return jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+
+
+def train_and_evaluate(config, workdir: str | os.PathLike) -> dict:
+  """Trains the stage `config` describes (resuming if DIR holds checkpoints), then
+  evaluates the final model on the target validation split. Returns the eval metrics."""
+  workdir = pathlib.Path(workdir).absolute()
+  final = train(config, workdir)
+  return _evaluate(config, workdir, final)

@@ -1,0 +1,232 @@
+"""The training loop: exact resume after SIGKILL, divergence handling, initialisation.
+
+Training runs go through `python -m fada_jax.main` in subprocesses (4 simulated CPU
+devices, the tiny demo network), sharing a persistent compilation cache, so each step
+function compiles once for the module.
+"""
+
+import json
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+import pytest
+
+from fada_jax import checkpoint as checkpoint_lib
+from fada_jax import config_lib
+from fada_jax import models as models_lib
+from fada_jax.errors import UserError
+from fada_jax.train import loop
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+# The tiny demo: ResNet-18 of width 4, 32x16 frames, 8 frames per synthetic split.
+TINY = {
+    'model.width': 4,
+    'data.synthetic_size': 8,
+    'data.source_size': (32, 16),
+    'data.target_size': (32, 16),
+    'data.test_size': (32, 16),
+    'data.crop_size': (32, 16),
+    'solver.max_iter': 30,
+    'solver.stop_iter': 30,
+    'log_every': 2,
+}
+
+
+def _flag(name, value):
+  if isinstance(value, tuple):
+    value = '(' + ','.join(str(v) for v in value) + ')'
+  return f'--config.{name}={value}'
+
+
+def _environment(cache_dir, devices=4):
+  env = dict(os.environ)
+  env.update({
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+      'JAX_PLATFORMS': 'cpu',
+      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+      'PYTHONPATH': str(REPO) + os.pathsep + env.get('PYTHONPATH', ''),
+  })
+  return env
+
+
+def _main_command(config, workdir, overrides, mode='train'):
+  flags = dict(TINY, **overrides)
+  return ([sys.executable, '-m', 'fada_jax.main', f'--config={config}', f'--mode={mode}',
+           f'--workdir={workdir}', '--verbosity=-1']
+          + [_flag(k, v) for k, v in flags.items()])
+
+
+def _run(command, env, timeout=300):
+  return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
+                        timeout=timeout)
+
+
+def _restore_step(step_dir):
+  """{'variables', 'train'} of a training checkpoint as numpy trees."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(pathlib.Path(step_dir).absolute(), args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
+  return {'variables': restored['variables'], 'train': restored['train']}
+
+
+def _leaves(tree):
+  return {jax.tree_util.keystr(path): np.asarray(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+@pytest.fixture(scope='module')
+def cache_dir(tmp_path_factory):
+  # One compilation cache for the session's subprocess runs (the three training
+  # modules use the same tiny configs).
+  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
+  path.mkdir(exist_ok=True)
+  return path
+
+
+def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
+  """Kill -9 a run after its first checkpoint; the restarted run ends bit for bit where
+  an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
+  env = _environment(cache_dir)
+  overrides = {'solver.stop_iter': 24, 'solver.checkpoint_every': 2,
+               'solver.keep_checkpoints': 2}
+  straight = tmp_path / 'straight'
+  result = _run(_main_command('configs/demo.py', straight, overrides), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+
+  killed = tmp_path / 'killed'
+  process = subprocess.Popen(_main_command('configs/demo.py', killed, overrides), cwd=REPO,
+                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  first = killed / 'checkpoints' / '2' / 'commit_success.txt'
+  deadline = time.monotonic() + 300
+  while not first.exists() and process.poll() is None and time.monotonic() < deadline:
+    time.sleep(0.02)
+  process.send_signal(signal.SIGKILL)
+  assert process.wait(timeout=60) == -signal.SIGKILL, 'the run ended before it was killed'
+  assert not (killed / 'checkpoints' / '24').exists()
+  # What a kill during a save leaves behind: orbax's temporary folder. Never read.
+  junk = killed / 'checkpoints' / '26.orbax-checkpoint-tmp-1234'
+  (junk / 'variables').mkdir(parents=True)
+  (junk / 'variables' / 'garbage').write_text('half written')
+
+  result = _run(_main_command('configs/demo.py', killed, overrides), env)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert 'resumed from' in result.stderr + result.stdout
+
+  expected = _leaves(_restore_step(straight / 'checkpoints' / '24'))
+  actual = _leaves(_restore_step(killed / 'checkpoints' / '24'))
+  assert expected.keys() == actual.keys()
+  differing = [k for k in expected if not np.array_equal(expected[k], actual[k])]
+  assert not differing, f'{len(differing)} arrays differ, e.g. {differing[:3]}'
+  assert int(expected["['train']['step']"]) == 24
+
+  # Old checkpoints are pruned to keep_checkpoints; the final one reads as a model.
+  steps = sorted(int(p.name) for p in (killed / 'checkpoints').iterdir() if p.name.isdigit())
+  assert steps == [22, 24]
+  variables, meta = checkpoint_lib.load_model(killed / 'checkpoints' / '24')
+  assert meta['format'] == checkpoint_lib.TRAIN_FORMAT and meta['step'] == 24
+  assert sorted(variables) == ['classifier', 'discriminator', 'feature_extractor']
+
+  # The resumed run's log has every logged step exactly once, in order.
+  records = [json.loads(line) for line in (killed / 'metrics.jsonl').read_text().splitlines()]
+  assert [r['step'] for r in records] == list(range(2, 25, 2))
+  for key in ('loss_seg', 'loss_adv_tgt', 'loss_D', 'loss_D_src', 'loss_D_tgt', 'lr'):
+    assert np.isfinite(records[-1][key]), key
+  assert 'images_per_second' in records[-1] and 'step_time' in records[-1]
+  eval_metrics = json.loads((killed / 'eval' / 'metrics.json').read_text())
+  assert 0.0 <= eval_metrics['miou'] <= 1.0
+
+
+def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
+                                                                           cache_dir):
+  workdir = tmp_path / 'run'
+  result = _run(_main_command('configs/demo.py:source_only', workdir,
+                              {'solver.stop_iter': 20, 'solver.checkpoint_every': 1,
+                               'solver.base_lr': 1e3}),
+                _environment(cache_dir))
+  assert result.returncode == 2, result.stderr[-3000:]
+  error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
+  assert len(error) == 1, result.stderr[-3000:]
+  message = error[0]
+  assert 'diverged' in message and 'Traceback' not in result.stderr
+  bad_step = int(message.split(' step ')[1].split()[0])
+  good = checkpoint_lib.latest_training_checkpoint(workdir / 'checkpoints')
+  assert good is not None and str(good) in message
+  assert int(good.name) < bad_step
+  assert not any(int(p.name) >= bad_step for p in (workdir / 'checkpoints').iterdir()
+                 if p.name.isdigit())
+  variables, _ = checkpoint_lib.load_model(good)
+  assert all(np.all(np.isfinite(v)) for v in jax.tree_util.tree_leaves(variables))
+
+
+def _tiny_config(stage, **overrides):
+  config = config_lib.make_config('demo', stage)
+  for name, value in dict(TINY, **overrides).items():
+    node = config
+    *parents, leaf = name.split('.')
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return config
+
+
+def test_init_checkpoint_with_other_classes_is_one_clear_error(tmp_path):
+  sixteen = _tiny_config('source_only', **{'model.num_classes': 16})
+  models = models_lib.build(sixteen)
+  abstract = jax.eval_shape(lambda r: models_lib.init_variables(models, r, sixteen),
+                            jax.random.PRNGKey(0))
+  zeros = jax.tree_util.tree_map(lambda x: np.zeros(x.shape, x.dtype), abstract)
+  path = checkpoint_lib.save_model(tmp_path / 'sixteen', zeros,
+                                   {'arch': 'resnet18', 'num_classes': None, 'kind': 'fada'})
+
+  config = _tiny_config('adversarial', init_checkpoint=str(path))
+  with pytest.raises(UserError) as error:
+    loop.train(config, tmp_path / 'run')
+  message = str(error.value)
+  assert 'classifier/params/conv_0' in message and '16' in message and '19' in message
+  assert 'num_classes' in message
+
+  # Another width: the feature extractor's shapes do not fit; the tensor is named.
+  config = _tiny_config('adversarial', init_checkpoint=str(path), **{'model.width': 8,
+                                                                     'model.num_classes': 16})
+  with pytest.raises(UserError, match=r'feature_extractor/(params|batch_stats)/\S+ has shape'):
+    loop.train(config, tmp_path / 'run2')
+
+
+def test_imagenet_fills_the_backbone_and_stage_one_fills_backbone_and_classifier(tmp_path):
+  config = _tiny_config('adversarial')
+  models = models_lib.build(config)
+  rng = jax.random.PRNGKey(0)
+  abstract = jax.eval_shape(lambda r: models_lib.init_variables(models, r, config), rng)
+  marked = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, x.dtype), abstract)
+  is_marked = lambda tree: all(np.all(np.asarray(v) == 0.5) for v in jax.tree_util.tree_leaves(tree))
+
+  imagenet = checkpoint_lib.save_model(
+      tmp_path / 'imagenet', {'feature_extractor': marked['feature_extractor']},
+      {'arch': 'resnet18', 'num_classes': None, 'kind': 'imagenet'})
+  config.init_checkpoint = str(imagenet)
+  from_imagenet = jax.device_get(loop.initial_variables(config, models, rng))
+  assert is_marked(from_imagenet['feature_extractor'])
+  assert not any(np.all(np.asarray(v) == 0.5) for part in ('classifier', 'discriminator')
+                 for v in jax.tree_util.tree_leaves(from_imagenet[part]))
+
+  # A FADA checkpoint (stage 1's, here holding a discriminator too) fills the feature
+  # extractor and the classifier; stage 2 trains a fresh discriminator.
+  stage_one = checkpoint_lib.save_model(tmp_path / 'stage1', marked,
+                                        {'arch': 'resnet18', 'num_classes': 19, 'kind': 'fada'})
+  config.init_checkpoint = str(stage_one)
+  from_stage_one = jax.device_get(loop.initial_variables(config, models, rng))
+  assert is_marked(from_stage_one['feature_extractor'])
+  assert is_marked(from_stage_one['classifier'])
+  for got, fresh in zip(jax.tree_util.tree_leaves(from_stage_one['discriminator']),
+                        jax.tree_util.tree_leaves(from_imagenet['discriminator'])):
+    np.testing.assert_array_equal(got, fresh)
