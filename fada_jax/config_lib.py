@@ -59,6 +59,10 @@ def _solver(stage, task):
     solver.max_iter = {'source_only': 300, 'adversarial': 300, 'self_distill': 200}[stage]
     solver.stop_iter = solver.max_iter
     solver.checkpoint_every = 100
+    if stage == 'self_distill':
+      # The demo's stage 3 starts from stage 2's model (no ImageNet weights to restart
+      # from): a smaller rate keeps it from forgetting more than the pseudo labels teach.
+      solver.base_lr = 2e-3
   return solver
 
 

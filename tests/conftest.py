@@ -1,9 +1,14 @@
-"""Test-wide setup: four simulated CPU devices, float32 matmuls, quiet torch threads."""
+"""Test-wide setup: four simulated CPU devices, a compilation cache, quiet torch threads."""
 
 import os
+import tempfile
 
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# Many tests compile the same small networks, in this process and in subprocesses
+# (multi-process and resume runs): a shared persistent cache compiles each program once.
+os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
+                      os.path.join(tempfile.gettempdir(), "fada_jax_tests_jax_cache"))
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS above)
 

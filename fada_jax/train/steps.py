@@ -21,7 +21,6 @@ import functools
 from typing import Callable, Dict, Mapping, Optional, Tuple
 
 import jax
-import jax.numpy as jnp
 
 from fada_jax import losses
 from fada_jax.models.layers import resize_bilinear_align_corners
