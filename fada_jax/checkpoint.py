@@ -160,6 +160,15 @@ def save_model(path: str | os.PathLike, variables: Variables, meta: Meta,
   return path
 
 
+def _unreadable(variables_dir: pathlib.Path, error: Exception) -> UserError:
+  """One line for a damaged array folder: orbax's first message line, without its spec."""
+  reason = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+  if len(reason) > 300:
+    reason = reason[:297] + '...'
+  return UserError(f'cannot read model variables in {variables_dir} (damaged or '
+                   f'incomplete?): {type(error).__name__}: {reason}')
+
+
 def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
   version = meta.get('format_version')
   if version != MODEL_FORMAT_VERSION:
@@ -171,11 +180,7 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   try:
     variables = _restore_tree(variables_dir)
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    reason = (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
-    if len(reason) > 300:
-      reason = reason[:297] + '...'
-    raise UserError(f'cannot read model variables in {variables_dir} (damaged or '
-                    f'incomplete?): {type(e).__name__}: {reason}') from None
+    raise _unreadable(variables_dir, e) from None
   if not isinstance(variables, dict) or not variables or set(variables) - set(MODEL_PARTS):
     raise UserError(f'model checkpoint {path} holds unexpected parts '
                     f'{sorted(variables) if isinstance(variables, dict) else type(variables)}')
@@ -237,11 +242,7 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
       variables = checkpointer.restore(path.absolute(), args=ocp.args.Composite(
           variables=ocp.args.StandardRestore()))['variables']
   except Exception as e:  # orbax/tensorstore raise many types for damaged files
-    reason = (str(e).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
-    if len(reason) > 300:
-      reason = reason[:297] + '...'
-    raise UserError(f'cannot read model variables in {variables_dir} (damaged or '
-                    f'incomplete?): {type(e).__name__}: {reason}') from None
+    raise _unreadable(variables_dir, e) from None
   return variables, meta
 
 

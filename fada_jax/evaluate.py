@@ -35,7 +35,6 @@ from __future__ import annotations
 import concurrent.futures
 import csv
 import dataclasses
-import json
 import logging
 import os
 import pathlib

@@ -3,6 +3,8 @@
 import os
 import tempfile
 
+import pytest
+
 os.environ.setdefault("XLA_FLAGS", "--xla_force_host_platform_device_count=4")
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 # Many tests compile the same small networks, in this process and in subprocesses
@@ -20,3 +22,9 @@ try:
   torch.set_num_threads(2)
 except ImportError:  # torch is only needed by the parity tests
   pass
+
+
+@pytest.fixture(scope="session")
+def cache_dir():
+  """The compilation cache that subprocess runs share with this process."""
+  return os.environ["JAX_COMPILATION_CACHE_DIR"]

@@ -3,7 +3,6 @@ bad input, and the real Cityscapes frame in ../shared/fixtures when present."""
 
 import csv
 import json
-import os
 import pathlib
 import shutil
 import subprocess

@@ -6,16 +6,12 @@ function compiles once for the module.
 """
 
 import json
-import os
-import pathlib
 import signal
 import subprocess
-import sys
 import time
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fada_jax import checkpoint as checkpoint_lib
@@ -23,47 +19,8 @@ from fada_jax import config_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
 from fada_jax.train import loop
+from tiny_runs import REPO, TINY, checkpoint_arrays, environment, main_command
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
-
-# The tiny demo: ResNet-18 of width 4, 32x16 frames, 8 frames per synthetic split.
-TINY = {
-    'model.width': 4,
-    'data.synthetic_size': 8,
-    'data.source_size': (32, 16),
-    'data.target_size': (32, 16),
-    'data.test_size': (32, 16),
-    'data.crop_size': (32, 16),
-    'solver.max_iter': 30,
-    'solver.stop_iter': 30,
-    'log_every': 2,
-}
-
-
-def _flag(name, value):
-  if isinstance(value, tuple):
-    value = '(' + ','.join(str(v) for v in value) + ')'
-  return f'--config.{name}={value}'
-
-
-def _environment(cache_dir, devices=4):
-  env = dict(os.environ)
-  env.update({
-      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-      'JAX_PLATFORMS': 'cpu',
-      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
-      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-      'PYTHONPATH': str(REPO) + os.pathsep + env.get('PYTHONPATH', ''),
-  })
-  return env
-
-
-def _main_command(config, workdir, overrides, mode='train'):
-  flags = dict(TINY, **overrides)
-  return ([sys.executable, '-m', 'fada_jax.main', f'--config={config}', f'--mode={mode}',
-           f'--workdir={workdir}', '--verbosity=-1']
-          + [_flag(k, v) for k, v in flags.items()])
 
 
 def _run(command, env, timeout=300):
@@ -71,40 +28,18 @@ def _run(command, env, timeout=300):
                         timeout=timeout)
 
 
-def _restore_step(step_dir):
-  """{'variables', 'train'} of a training checkpoint as numpy trees."""
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(pathlib.Path(step_dir).absolute(), args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
-  return {'variables': restored['variables'], 'train': restored['train']}
-
-
-def _leaves(tree):
-  return {jax.tree_util.keystr(path): np.asarray(value)
-          for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  # One compilation cache for the session's subprocess runs (the three training
-  # modules use the same tiny configs).
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  return path
-
-
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   """Kill -9 a run after its first checkpoint; the restarted run ends bit for bit where
   an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
-  env = _environment(cache_dir)
+  env = environment(cache_dir)
   overrides = {'solver.stop_iter': 24, 'solver.checkpoint_every': 2,
                'solver.keep_checkpoints': 2}
   straight = tmp_path / 'straight'
-  result = _run(_main_command('configs/demo.py', straight, overrides), env)
+  result = _run(main_command('configs/demo.py', straight, overrides), env)
   assert result.returncode == 0, result.stderr[-3000:]
 
   killed = tmp_path / 'killed'
-  process = subprocess.Popen(_main_command('configs/demo.py', killed, overrides), cwd=REPO,
+  process = subprocess.Popen(main_command('configs/demo.py', killed, overrides), cwd=REPO,
                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
   first = killed / 'checkpoints' / '2' / 'commit_success.txt'
   deadline = time.monotonic() + 300
@@ -118,12 +53,12 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   (junk / 'variables').mkdir(parents=True)
   (junk / 'variables' / 'garbage').write_text('half written')
 
-  result = _run(_main_command('configs/demo.py', killed, overrides), env)
+  result = _run(main_command('configs/demo.py', killed, overrides), env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stderr + result.stdout
 
-  expected = _leaves(_restore_step(straight / 'checkpoints' / '24'))
-  actual = _leaves(_restore_step(killed / 'checkpoints' / '24'))
+  expected = checkpoint_arrays(straight / 'checkpoints' / '24')
+  actual = checkpoint_arrays(killed / 'checkpoints' / '24')
   assert expected.keys() == actual.keys()
   differing = [k for k in expected if not np.array_equal(expected[k], actual[k])]
   assert not differing, f'{len(differing)} arrays differ, e.g. {differing[:3]}'
@@ -149,10 +84,10 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
                                                                            cache_dir):
   workdir = tmp_path / 'run'
-  result = _run(_main_command('configs/demo.py:source_only', workdir,
+  result = _run(main_command('configs/demo.py:source_only', workdir,
                               {'solver.stop_iter': 20, 'solver.checkpoint_every': 1,
                                'solver.base_lr': 1e3}),
-                _environment(cache_dir))
+                environment(cache_dir))
   assert result.returncode == 2, result.stderr[-3000:]
   error = [line for line in result.stderr.splitlines() if line.startswith('error: ')]
   assert len(error) == 1, result.stderr[-3000:]

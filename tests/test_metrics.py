@@ -5,7 +5,6 @@ import pytest
 from PIL import Image
 
 import jax
-import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fada_jax import evaluate

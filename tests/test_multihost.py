@@ -6,41 +6,19 @@ instead of waiting for each other forever.
 """
 
 import json
-import os
-import pathlib
 import socket
 import subprocess
-import sys
 
 import jax
 import numpy as np
-import orbax.checkpoint as ocp
 import pytest
 
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
+from tiny_runs import REPO, checkpoint_arrays, environment, main_command
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 TIMEOUT_S = 300
-
-TINY = {
-    'model.width': 4,
-    'data.synthetic_size': 8,
-    'data.source_size': (32, 16),
-    'data.target_size': (32, 16),
-    'data.test_size': (32, 16),
-    'data.crop_size': (32, 16),
-    'solver.max_iter': 30,
-    'solver.stop_iter': 4,
-    'solver.checkpoint_every': 2,
-    'log_every': 2,
-}
-
-
-def _flag(name, value):
-  if isinstance(value, tuple):
-    value = '(' + ','.join(str(v) for v in value) + ')'
-  return f'--config.{name}={value}'
+MULTIHOST = {'solver.stop_iter': 4, 'solver.checkpoint_every': 2}
 
 
 def _free_port() -> int:
@@ -49,30 +27,8 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  return path
-
-
-def _environment(cache_dir, devices):
-  env = dict(os.environ)
-  env.update({
-      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
-      'JAX_PLATFORMS': 'cpu',
-      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
-      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-      'PYTHONPATH': str(REPO) + os.pathsep + env.get('PYTHONPATH', ''),
-  })
-  return env
-
-
 def _command(workdir, overrides=None, process=None):
-  flags = dict(TINY, **(overrides or {}))
-  command = [sys.executable, '-m', 'fada_jax.main', '--config=configs/demo.py',
-             f'--workdir={workdir}', '--verbosity=-1'] + [_flag(k, v) for k, v in flags.items()]
+  command = main_command('configs/demo.py', workdir, dict(MULTIHOST, **(overrides or {})))
   if process is not None:
     port, index, count = process
     command += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={count}',
@@ -83,7 +39,7 @@ def _command(workdir, overrides=None, process=None):
 def _launch_pair(workdir, cache_dir, overrides=(None, None)):
   """Starts two processes of one run; returns [(returncode, stderr)] of both."""
   port = _free_port()
-  env = _environment(cache_dir, devices=2)
+  env = environment(cache_dir, devices=2)
   processes = [subprocess.Popen(_command(workdir, overrides[i], (port, i, 2)), cwd=REPO,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for i in range(2)]
@@ -102,18 +58,9 @@ def _launch_pair(workdir, cache_dir, overrides=(None, None)):
   return results
 
 
-def _train_item(step_dir):
-  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
-    restored = checkpointer.restore(pathlib.Path(step_dir).absolute(), args=ocp.args.Composite(
-        variables=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
-  tree = {'variables': restored['variables'], 'train': restored['train']}
-  return {jax.tree_util.keystr(p): np.asarray(v) for p, v in
-          jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, cache_dir):
   single = tmp_path / 'single'
-  result = subprocess.run(_command(single), cwd=REPO, env=_environment(cache_dir, 4),
+  result = subprocess.run(_command(single), cwd=REPO, env=environment(cache_dir, 4),
                           capture_output=True, text=True, timeout=TIMEOUT_S)
   assert result.returncode == 0, result.stderr[-3000:]
 
@@ -121,8 +68,8 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, cache_
   for index, (returncode, stderr) in enumerate(_launch_pair(pair, cache_dir)):
     assert returncode == 0, f'process {index}: {stderr[-3000:]}'
 
-  expected = _train_item(single / 'checkpoints' / '4')
-  actual = _train_item(pair / 'checkpoints' / '4')
+  expected = checkpoint_arrays(single / 'checkpoints' / '4')
+  actual = checkpoint_arrays(pair / 'checkpoints' / '4')
   assert expected.keys() == actual.keys()
   for name in expected:
     if expected[name].dtype.kind != 'f':

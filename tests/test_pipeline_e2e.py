@@ -6,10 +6,7 @@ finds everything done and redoes nothing.
 """
 
 import json
-import os
-import pathlib
 import subprocess
-import sys
 
 import numpy as np
 import pytest
@@ -19,52 +16,17 @@ from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
 from fada_jax import pipeline
 from fada_jax.data import synthetic
+from tiny_runs import REPO, TINY, environment, main_command
 
-REPO = pathlib.Path(__file__).resolve().parent.parent
 STAGES = ('source_only', 'adversarial', 'self_distill')
 STEPS = 4
-FRAMES = 8
-
-TINY = {
-    'model.width': 4,
-    'data.synthetic_size': FRAMES,
-    'data.source_size': (32, 16),
-    'data.target_size': (32, 16),
-    'data.test_size': (32, 16),
-    'data.crop_size': (32, 16),
-    'solver.max_iter': 30,
-    'solver.stop_iter': STEPS,
-    'solver.checkpoint_every': 2,
-    'log_every': 2,
-}
-
-
-def _flag(name, value):
-  if isinstance(value, tuple):
-    value = '(' + ','.join(str(v) for v in value) + ')'
-  return f'--config.{name}={value}'
-
-
-@pytest.fixture(scope='module')
-def cache_dir(tmp_path_factory):
-  path = tmp_path_factory.getbasetemp() / 'jax_compilation_cache'
-  path.mkdir(exist_ok=True)
-  return path
+FRAMES = TINY['data.synthetic_size']
+PIPELINE = {'solver.stop_iter': STEPS, 'solver.checkpoint_every': 2}
 
 
 def _run_pipeline(workdir, cache_dir):
-  env = dict(os.environ)
-  env.update({
-      'XLA_FLAGS': '--xla_force_host_platform_device_count=4',
-      'JAX_PLATFORMS': 'cpu',
-      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
-      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
-      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
-      'PYTHONPATH': str(REPO) + os.pathsep + env.get('PYTHONPATH', ''),
-  })
-  command = [sys.executable, '-m', 'fada_jax.main', '--config=configs/demo.py',
-             '--mode=pipeline', f'--workdir={workdir}', '--verbosity=-1']
-  command += [_flag(k, v) for k, v in TINY.items()]
+  env = environment(cache_dir)
+  command = main_command('configs/demo.py', workdir, PIPELINE, mode='pipeline')
   return subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True,
                         timeout=600)
 

@@ -1,0 +1,65 @@
+"""Helpers of the tests that train through `python -m fada_jax.main` in subprocesses.
+
+The runs use a tiny version of the demo (ResNet-18 of width 4, 32x16 frames, 8 frames
+per synthetic split) and share the session's persistent compilation cache, so each step
+function compiles once however many runs need it.
+"""
+
+import os
+import pathlib
+import sys
+
+import jax
+import numpy as np
+import orbax.checkpoint as ocp
+
+REPO = pathlib.Path(__file__).resolve().parent.parent
+
+TINY = {
+    'model.width': 4,
+    'data.synthetic_size': 8,
+    'data.source_size': (32, 16),
+    'data.target_size': (32, 16),
+    'data.test_size': (32, 16),
+    'data.crop_size': (32, 16),
+    'solver.max_iter': 30,
+    'solver.stop_iter': 30,
+    'log_every': 2,
+}
+
+
+def config_flag(name, value) -> str:
+  if isinstance(value, tuple):
+    value = '(' + ','.join(str(v) for v in value) + ')'
+  return f'--config.{name}={value}'
+
+
+def environment(cache_dir, devices: int = 4) -> dict:
+  env = dict(os.environ)
+  env.update({
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+      'JAX_PLATFORMS': 'cpu',
+      'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
+      'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
+      'JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES': '0',
+      'PYTHONPATH': str(REPO) + os.pathsep + env.get('PYTHONPATH', ''),
+  })
+  return env
+
+
+def main_command(config, workdir, overrides=None, mode='train') -> list[str]:
+  """`python -m fada_jax.main` on `config` with TINY and `overrides` as config flags."""
+  flags = dict(TINY, **(overrides or {}))
+  return ([sys.executable, '-m', 'fada_jax.main', f'--config={config}', f'--mode={mode}',
+           f'--workdir={workdir}', '--verbosity=-1']
+          + [config_flag(k, v) for k, v in flags.items()])
+
+
+def checkpoint_arrays(step_dir) -> dict[str, np.ndarray]:
+  """Every array of a training checkpoint (variables and train state) by its path."""
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
+    restored = checkpointer.restore(pathlib.Path(step_dir).absolute(), args=ocp.args.Composite(
+        variables=ocp.args.StandardRestore(), train=ocp.args.StandardRestore()))
+  tree = {'variables': restored['variables'], 'train': restored['train']}
+  return {jax.tree_util.keystr(path): np.asarray(value)
+          for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]}
