@@ -357,38 +357,39 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
                     process_index, process_count)
 
 
+def _stream_iterator(config, stream: str, global_batch: int, process_index: int,
+                     process_count: int, start_step: int) -> BatchIterator:
+  return BatchIterator(_make_stream(config, stream, global_batch, process_index, process_count),
+                       start_step, int(_data_field(config, "workers", 0) or 0))
+
+
 def make_train_iterators(config, process_index: int = 0, process_count: int = 1,
                          start_step: int = 0) -> dict[str, BatchIterator]:
   """{'source': ..., 'target': ...} iterators of config.stage (only the streams it uses)."""
-  workers = int(_data_field(config, "workers", 0) or 0)
-  return {
-      stream: BatchIterator(
-          _make_stream(config, stream, batch, process_index, process_count),
-          start_step=start_step, workers=workers)
-      for stream, batch in _stream_batches(config).items()
-  }
+  return {stream: _stream_iterator(config, stream, batch, process_index, process_count,
+                                   start_step)
+          for stream, batch in _stream_batches(config).items()}
+
+
+def _loader(config, stream: str, process_index: int, process_count: int,
+            start_step: int) -> BatchIterator:
+  batches = _stream_batches(config)
+  if stream not in batches:
+    raise UserError(f"stage {config.stage} has no {stream} stream")
+  return _stream_iterator(config, stream, batches[stream], process_index, process_count,
+                          start_step)
 
 
 def source_loader(config, process_index: int = 0, process_count: int = 1,
                   start_step: int = 0) -> BatchIterator:
   """The labelled stream: source frames (stages 1-2) or pseudo-labelled target (stage 3)."""
-  batches = _stream_batches(config)
-  if "source" not in batches:
-    raise UserError(f"stage {config.stage} has no source stream")
-  return BatchIterator(_make_stream(config, "source", batches["source"], process_index,
-                                    process_count), start_step,
-                       int(_data_field(config, "workers", 0) or 0))
+  return _loader(config, "source", process_index, process_count, start_step)
 
 
 def target_loader(config, process_index: int = 0, process_count: int = 1,
                   start_step: int = 0) -> BatchIterator:
   """The unlabelled target stream of stage 'adversarial'."""
-  batches = _stream_batches(config)
-  if "target" not in batches:
-    raise UserError(f"stage {config.stage} has no target stream")
-  return BatchIterator(_make_stream(config, "target", batches["target"], process_index,
-                                    process_count), start_step,
-                       int(_data_field(config, "workers", 0) or 0))
+  return _loader(config, "target", process_index, process_count, start_step)
 
 
 # ----------------------------------------------------------------------------- evaluation
