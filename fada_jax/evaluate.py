@@ -220,27 +220,13 @@ def _conv_as_matmul(next_fun, args, kwargs, context):
   dilation = _pair(module.kernel_dilation, 1)
   padding = _conv_padding(module)
   dtype = module.dtype or jnp.float32
+  kernel = module.get_variable("params", "kernel").astype(dtype)
   if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-    if strides != (1, 1):
-      x = x[:, ::strides[0], ::strides[1], :]
-    kernel = module.get_variable("params", "kernel")
-    y = jnp.dot(x.astype(dtype), kernel.reshape(kernel.shape[-2:]).astype(dtype),
-                precision=module.precision)
+    y = layers.conv_1x1_as_product(x.astype(dtype), kernel, strides, module.precision)
   elif (module.features <= _NARROW_CONV_CHANNELS and strides == (1, 1) and kh % 2 and kw % 2
         and padding == ((dilation[0] * (kh // 2),) * 2, (dilation[1] * (kw // 2),) * 2)):
-    kernel = module.get_variable("params", "kernel").astype(dtype)
-    batch, height, width, channels = x.shape
-    taps = jnp.dot(x.astype(dtype), jnp.transpose(kernel, (2, 0, 1, 3)).reshape(
-        channels, kh * kw * module.features), precision=module.precision)
-    taps = taps.reshape(batch, height, width, kh, kw, module.features)
-    (pad_h, _), (pad_w, _) = padding
-    taps = jnp.pad(taps, ((0, 0), (pad_h, pad_h), (pad_w, pad_w), (0, 0), (0, 0), (0, 0)))
-    y = None
-    for i in range(kh):
-      for j in range(kw):
-        oy, ox = i * dilation[0], j * dilation[1]
-        tap = taps[:, oy:oy + height, ox:ox + width, i, j, :]
-        y = tap if y is None else y + tap
+    y = layers.conv_narrow_as_product(x.astype(dtype), kernel, padding, dilation,
+                                      module.precision)
   else:
     return next_fun(*args, **kwargs)
   if module.use_bias:

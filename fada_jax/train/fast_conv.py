@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from fada_jax.models import layers
+
 _NHWC = ('NHWC', 'HWIO', 'NHWC')
 
 
@@ -103,32 +105,6 @@ def _kernel_grad(x, grad, kernel_shape, strides, padding, rhs_dilation, precisio
 _NARROW_FEATURES = 64
 
 
-def _conv_1x1(x, kernel, strides, precision):
-  """A 1x1 conv (no padding) is a strided slice and one product; autodiff gives dW = x^T g."""
-  if strides != (1, 1):
-    x = x[:, ::strides[0], ::strides[1], :]
-  return jnp.dot(x, kernel.reshape(kernel.shape[-2:]), precision=precision)
-
-
-def _conv_narrow(x, kernel, padding, rhs_dilation, precision):
-  """Stride-1 'same' k x k conv with few outputs: y[p] = sum_t (x W_t)[p + offset_t],
-  one [rows, C] x [C, KH*KW*O] product; its gradients are products of the same shapes."""
-  kh_size, kw_size, channels, features = kernel.shape
-  batch, height, width, _ = x.shape
-  taps = jnp.dot(x, jnp.transpose(kernel, (2, 0, 1, 3)).reshape(
-      channels, kh_size * kw_size * features), precision=precision)
-  taps = taps.reshape(batch, height, width, kh_size, kw_size, features)
-  (pt, pb), (pl, pr) = padding
-  taps = jnp.pad(taps, ((0, 0), (pt, pb), (pl, pr), (0, 0), (0, 0), (0, 0)))
-  out = None
-  for kh in range(kh_size):
-    for kw in range(kw_size):
-      oy, ox = kh * rhs_dilation[0], kw * rhs_dilation[1]
-      tap = taps[:, oy:oy + height, ox:ox + width, kh, kw, :]
-      out = tap if out is None else out + tap
-  return out
-
-
 def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
                          rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
                          batch_group_count=1, precision=None, preferred_element_type=None):
@@ -153,12 +129,12 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
   pads = tuple((int(lo), int(hi)) for lo, hi in padding)
   kh_size, kw_size, channels, features = rhs.shape
   if (kh_size, kw_size) == (1, 1) and pads == ((0, 0), (0, 0)):
-    return _conv_1x1(lhs, rhs, strides, precision)
+    return layers.conv_1x1_as_product(lhs, rhs, strides, precision)
   same = all(lo == hi == d * (k // 2) for (lo, hi), d, k in
              zip(pads, dilation, (kh_size, kw_size)))
   if (features <= _NARROW_FEATURES and channels >= 4 * features and strides == (1, 1)
       and same and kh_size % 2 and kw_size % 2):
-    return _conv_narrow(lhs, rhs, pads, dilation, precision)
+    return layers.conv_narrow_as_product(lhs, rhs, pads, dilation, precision)
   return _conv_nhwc(lhs, rhs, strides, pads, dilation, precision)
 
 
