@@ -1,0 +1,361 @@
+"""Inference: the jit-compiled `Predictor`, its settings, and its variable transforms.
+
+What the release computes (`test.py`): the image is resized to the test size (bicubic, in
+the eval loader), the logits are upsampled with align_corners=True to the full label
+resolution, the prediction is their argmax.
+
+Optional inference modes, in the release's order of operations: flip averages
+softmax(upsample(logits(x))) with the mirrored softmax of the mirrored image; multi-scale
+resizes the (normalised, test-size) image bilinearly with align_corners to
+int(h * s) x int(w * s) for every s in config.eval.scales and averages the softmax
+probabilities, each upsampled to the label size (plus their flipped counterparts).
+
+Inference runs jit-compiled on a 1-D device mesh ('data'): the batch is split over all
+devices of all processes, the variables are replicated, and the metric counts are summed
+over the global batch inside the compiled step, so every process ends with the counts of
+the whole split.
+
+Two transforms make inference faster with the same arithmetic up to float rounding:
+batch norm folded into the convolution before it (`fold_batch_norm`), and some
+convolutions run as matrix products (the interceptor, in its own delimited section).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import flax.linen as nn_linen
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.experimental import multihost_utils
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from fada_jax import models as models_lib
+from fada_jax.errors import UserError
+from fada_jax.evaluate.metrics import confusion_counts
+from fada_jax.models import layers
+
+DATA_AXIS = "data"
+
+
+# ----------------------------------------------------------------------------- batch norm folding
+
+
+def fold_batch_norm(feature_extractor_variables: dict, frozen: bool = True) -> dict:
+  """Folds every BN's inference-time affine map into the conv before it.
+
+  In inference BN computes y = x * m + s with m = scale * rsqrt(var + eps) (eps 0 for the
+  release's frozen BN, 1e-5 otherwise), s = bias - mean * m. A conv (no bias) followed
+  by it equals the conv with its kernel's output channels scaled by m followed by x + s;
+  the BN variables are rewritten to that shift alone (scale 1, mean 0, var such that
+  rsqrt(var + eps) = 1, bias s), so the unchanged network computes the same function up
+  to float rounding. Pairs follow the module names (`conv1`/`bn1`,
+  `downsample_conv`/`downsample_bn`).
+  """
+  epsilon = 0.0 if frozen else layers.BN_EPSILON
+  params = jax.tree_util.tree_map(np.asarray, dict(feature_extractor_variables["params"]))
+  stats = jax.tree_util.tree_map(np.asarray, dict(feature_extractor_variables["batch_stats"]))
+
+  def fold(param_scope: dict, stats_scope: dict) -> tuple[dict, dict]:
+    param_scope, stats_scope = dict(param_scope), dict(stats_scope)
+    for bn_name in list(stats_scope):
+      conv_name = bn_name.replace("bn", "conv")
+      bn_stats = stats_scope[bn_name]
+      if "mean" not in bn_stats:  # a sub-module (a block): recurse
+        param_scope[bn_name], stats_scope[bn_name] = fold(param_scope[bn_name], bn_stats)
+        continue
+      bn_params = param_scope[bn_name]
+      multiplier = bn_params["scale"] / np.sqrt(bn_stats["var"].astype(np.float64) + epsilon)
+      shift = (bn_params["bias"] - bn_stats["mean"] * multiplier).astype(np.float32)
+      conv = dict(param_scope[conv_name])
+      conv["kernel"] = (conv["kernel"] * multiplier).astype(np.float32)
+      param_scope[conv_name] = conv
+      ones = np.ones(multiplier.shape, np.float32)
+      param_scope[bn_name] = {"scale": ones, "bias": shift}
+      stats_scope[bn_name] = {"mean": np.zeros_like(ones), "var": ones - np.float32(epsilon)}
+    return param_scope, stats_scope
+
+  params, stats = fold(params, stats)
+  return {"params": params, "batch_stats": stats}
+
+
+# ----------------------------------------------------------------------------- convs as matrix products
+# The method interceptor `Predictor.logits` installs, and its helpers: this section alone.
+
+# Below this many output channels a conv's own kernels use the machine poorly (the ASPP
+# classifier's 19), and one matrix product over all kernel taps does better.
+_NARROW_CONV_CHANNELS = 64
+
+
+def _conv_padding(module) -> tuple[tuple[int, int], ...] | None:
+  padding = module.padding
+  if padding == "VALID":
+    return ((0, 0), (0, 0))
+  if isinstance(padding, (list, tuple)) and len(padding) == 2 and all(
+      isinstance(p, (list, tuple)) and len(p) == 2 for p in padding):
+    return tuple((int(p[0]), int(p[1])) for p in padding)
+  return None
+
+
+def _pair(value, default: int) -> tuple[int, int]:
+  if value is None:
+    return default, default
+  if isinstance(value, int):
+    return value, value
+  return tuple(int(v) for v in value)
+
+
+def _conv_as_matmul(next_fun, args, kwargs, context):
+  """Method interceptor (inference): some nn.Conv calls as matrix products, the same
+  arithmetic up to float summation order.
+
+  - 1x1 convs (any stride): a strided slice and one matrix product. XLA:CPU lowers
+    convolutions, 1x1 ones included, to a generic path, and matrix products to its tuned
+    GEMM kernels, which run these ~1.5-2x faster.
+  - k x k convs, stride 1, "same" padding, few output channels (the ASPP classifier): one
+    product of the input with all k*k taps side by side, [N, C] x [C, k*k*O], then the
+    tap outputs shifted into place and summed: y[p] = sum_t (x W_t)[p + offset_t].
+  Everything else goes to the module unchanged.
+  """
+  module = context.module
+  if (not isinstance(module, nn_linen.Conv) or context.method_name != "__call__"
+      or kwargs or len(args) != 1 or getattr(args[0], "ndim", 0) != 4
+      or module.feature_group_count != 1 or len(module.kernel_size) != 2
+      or _pair(module.input_dilation, 1) != (1, 1)):
+    return next_fun(*args, **kwargs)
+  x = args[0]
+  kh, kw = module.kernel_size
+  strides = _pair(module.strides, 1)
+  dilation = _pair(module.kernel_dilation, 1)
+  padding = _conv_padding(module)
+  dtype = module.dtype or jnp.float32
+  kernel = module.get_variable("params", "kernel").astype(dtype)
+  if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
+    y = layers.conv_1x1_as_product(x.astype(dtype), kernel, strides, module.precision)
+  elif (module.features <= _NARROW_CONV_CHANNELS and strides == (1, 1) and kh % 2 and kw % 2
+        and padding == ((dilation[0] * (kh // 2),) * 2, (dilation[1] * (kw // 2),) * 2)):
+    y = layers.conv_narrow_as_product(x.astype(dtype), kernel, padding, dilation,
+                                      module.precision)
+  else:
+    return next_fun(*args, **kwargs)
+  if module.use_bias:
+    y = y + module.get_variable("params", "bias").astype(dtype)
+  return y
+
+
+# ----------------------------------------------------------------------------- the predictor
+
+
+def make_mesh() -> Mesh:
+  """1-D mesh 'data' over every device of every process."""
+  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
+
+
+def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:
+  """The release's multi-scale size: int(h * s), int(w * s)."""
+  return int(height * scale), int(width * scale)
+
+
+@dataclasses.dataclass(frozen=True)
+class InferenceSettings:
+  flip: bool = False
+  scales: tuple[float, ...] = (1.0,)
+
+  @classmethod
+  def from_config(cls, config) -> "InferenceSettings":
+    scales = tuple(float(s) for s in config.eval.scales)
+    if not scales or min(scales) <= 0:
+      raise UserError(f"config.eval.scales={scales} must be positive numbers")
+    return cls(flip=bool(config.eval.flip), scales=scales)
+
+  @property
+  def single(self) -> bool:
+    return not self.flip and self.scales == (1.0,)
+
+
+class Predictor:
+  """Jit-compiled inference of feature extractor + classifier on a device mesh.
+
+  `predict(variables, images, out_hw)` -> uint8 [B, out_h, out_w] train ids;
+  `eval_step(variables, images, labels, valid)` -> ([3, K] counts, number of valid
+  examples, predictions). Images are normalised float32 NHWC; variables are those of
+  `place_variables`.
+  """
+
+  def __init__(self, config, mesh: Mesh | None = None,
+               settings: InferenceSettings | None = None, *, fold_batch_norm: bool = True,
+               convs_as_matmuls: bool = True):
+    self.config = config.copy_and_resolve_references()
+    self.fold_batch_norm = fold_batch_norm
+    self.convs_as_matmuls = convs_as_matmuls
+    self.num_classes = int(config.model.num_classes)
+    if self.num_classes > 255:
+      raise UserError(f"config.model.num_classes={self.num_classes}: train-id masks are "
+                      "8-bit, at most 255 classes")
+    self.models = models_lib.build(config)
+    self.mesh = mesh or make_mesh()
+    self.settings = settings or InferenceSettings.from_config(config)
+    self.replicated = NamedSharding(self.mesh, PartitionSpec())
+    self.batch_sharded = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    self._eval_step = jax.jit(
+        self._eval_step_impl, static_argnames=("with_predictions",),
+        out_shardings=(self.replicated, self.replicated, self.batch_sharded))
+    self._predict = jax.jit(self._predict_impl, static_argnames=("out_hw",),
+                            out_shardings=self.batch_sharded)
+
+  @property
+  def num_devices(self) -> int:
+    return self.mesh.devices.size
+
+  # -- variables
+
+  def check_variables(self, variables: dict, where: str) -> None:
+    """Refuses variables that do not fit config.model (a different arch, width, K)."""
+    for part in ("feature_extractor", "classifier"):
+      if part not in variables:
+        raise UserError(f"{where} holds no {part} variables (parts: "
+                        f"{', '.join(sorted(variables))}); evaluation needs a full model "
+                        "(feature extractor and classifier)")
+    expected = jax.eval_shape(
+        lambda: models_lib.init_variables(self.models, jax.random.PRNGKey(0), self.config))
+    for part in ("feature_extractor", "classifier"):
+      want = {k: v for k, v in expected[part].items() if v}
+      have = {k: v for k, v in variables[part].items() if v}
+      want_flat = dict(jax.tree_util.tree_flatten_with_path(want)[0])
+      have_flat = dict(jax.tree_util.tree_flatten_with_path(have)[0])
+      for path, leaf in want_flat.items():
+        name = f"{part}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
+        if path not in have_flat:
+          raise UserError(f"{where} does not match config.model (arch "
+                          f"{self.config.model.arch}, width {self.config.model.get('width', 64)}, "
+                          f"{self.num_classes} classes): missing {name}")
+        if tuple(np.shape(have_flat[path])) != tuple(leaf.shape):
+          raise UserError(f"{where} does not match config.model (arch "
+                          f"{self.config.model.arch}, width {self.config.model.get('width', 64)}, "
+                          f"{self.num_classes} classes): {name} has shape "
+                          f"{tuple(np.shape(have_flat[path]))}, expected {tuple(leaf.shape)}")
+      extra = sorted(set(have_flat) - set(want_flat))
+      if extra:
+        name = jax.tree_util.keystr(extra[0], simple=True, separator="/")
+        raise UserError(f"{where} does not match config.model (arch {self.config.model.arch}):"
+                        f" unexpected variable {part}/{name}")
+
+  def place_variables(self, variables: dict) -> dict:
+    """Feature extractor + classifier variables as float32, replicated on the mesh."""
+    used = {part: variables[part] for part in ("feature_extractor", "classifier")}
+    used = jax.tree_util.tree_map(lambda x: np.asarray(x, np.float32), used)
+    if self.fold_batch_norm and used["feature_extractor"].get("batch_stats"):
+      used["feature_extractor"] = fold_batch_norm(
+          used["feature_extractor"], frozen=bool(self.config.model.get("freeze_bn", True)))
+    return jax.device_put(used, self.replicated)
+
+  # -- compiled functions
+
+  def logits(self, variables: dict, images: jax.Array) -> jax.Array:
+    """float32 class scores at feature resolution (stride 8)."""
+    fe = variables["feature_extractor"]
+    fe_variables = {"params": fe["params"]}
+    if fe.get("batch_stats"):
+      fe_variables["batch_stats"] = fe["batch_stats"]
+    classifier_variables = {"params": variables["classifier"]["params"]}
+    if not self.convs_as_matmuls:
+      features = self.models.feature_extractor.apply(fe_variables, images, train=False)
+      return self.models.classifier.apply(classifier_variables, features).astype(jnp.float32)
+    with nn_linen.intercept_methods(_conv_as_matmul):
+      features = self.models.feature_extractor.apply(fe_variables, images, train=False)
+      logits = self.models.classifier.apply(classifier_variables, features)
+    return logits.astype(jnp.float32)
+
+  def scores(self, variables: dict, images: jax.Array, out_hw: tuple[int, int]) -> jax.Array:
+    """[B, out_h, out_w, K] scores whose argmax is the prediction.
+
+    Single scale without flip: the upsampled logits (softmax would not change the
+    argmax). Otherwise the release's average of softmax probabilities at label size.
+    """
+    settings = self.settings
+    if settings.single:
+      return layers.resize_bilinear_align_corners(self.logits(variables, images), out_hw)
+
+    def probabilities(x):
+      logits = layers.resize_bilinear_align_corners(self.logits(variables, x), out_hw)
+      return jax.nn.softmax(logits, axis=-1)
+
+    height, width = images.shape[1:3]
+    total = None
+    for scale in settings.scales:
+      size = scaled_size(height, width, scale)
+      x = images if size == (height, width) else layers.resize_bilinear_align_corners(
+          images, size)
+      probs = probabilities(x)
+      if settings.flip:
+        probs = probs + jnp.flip(probabilities(jnp.flip(x, axis=2)), axis=2)
+      total = probs if total is None else total + probs
+    return total / (len(settings.scales) * (2 if settings.flip else 1))
+
+  def _predict_impl(self, variables, images, out_hw):
+    return jnp.argmax(self.scores(variables, images, out_hw), axis=-1).astype(jnp.uint8)
+
+  def _eval_step_impl(self, variables, images, labels, valid, with_predictions: bool):
+    predictions = self._predict_impl(variables, images, labels.shape[1:3])
+    counts = confusion_counts(predictions, labels, valid, self.num_classes)
+    num_valid = jnp.sum(valid.astype(jnp.int32))
+    if not with_predictions:
+      predictions = jnp.zeros((predictions.shape[0],), jnp.uint8)
+    return counts, num_valid, predictions
+
+  def predict(self, variables, images: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
+    """uint8 [B, out_h, out_w] train ids of this process's normalised `images`
+    (any B: padded to a multiple of the local devices and cropped back)."""
+    images = np.asarray(images, np.float32)
+    rows = -(-len(images) // self.local_batch_multiple()) * self.local_batch_multiple()
+    predictions = self._predict(variables, self.global_batch(pad_rows(images, rows, 0.0)),
+                                out_hw=tuple(int(v) for v in out_hw))
+    return self.local_rows(predictions)[:len(images)]
+
+  def eval_step(self, variables, images, labels, valid, with_predictions: bool = False):
+    return self._eval_step(variables, self.global_batch(images), self.global_batch(labels),
+                           self.global_batch(valid), with_predictions=with_predictions)
+
+  # -- host <-> mesh
+
+  def local_batch_multiple(self) -> int:
+    """This process's batch must be a multiple of its device count."""
+    return max(1, len(self.mesh.local_devices))
+
+  def global_batch(self, local: np.ndarray | jax.Array) -> jax.Array:
+    """A process-local batch -> the global array sharded over 'data'."""
+    if isinstance(local, jax.Array) and local.sharding == self.batch_sharded:
+      return local
+    return jax.make_array_from_process_local_data(self.batch_sharded, np.asarray(local))
+
+  def local_rows(self, array: jax.Array) -> np.ndarray:
+    """This process's rows of a batch-sharded global array, as numpy."""
+    if jax.process_count() == 1:
+      return np.asarray(array)
+    return np.asarray(multihost_utils.global_array_to_host_local_array(
+        array, self.mesh, PartitionSpec(DATA_AXIS)))
+
+
+_PREDICTORS: dict[tuple, Predictor] = {}
+
+
+def predictor_for(config) -> Predictor:
+  """A Predictor for config's network and inference settings, shared within the process
+  so that evaluating again (another checkpoint, another stage) reuses its compilations."""
+  settings = InferenceSettings.from_config(config)
+  model = config.model
+  key = (model.arch, int(model.get("width", 64)), int(model.num_classes),
+         bool(model.get("freeze_bn", True)), str(model.get("dtype", "float32")), settings,
+         tuple(d.id for d in jax.devices()))
+  if key not in _PREDICTORS:
+    _PREDICTORS[key] = Predictor(config, settings=settings)
+  return _PREDICTORS[key]
+
+
+def pad_rows(array: np.ndarray, rows: int, fill) -> np.ndarray:
+  if array.shape[0] == rows:
+    return array
+  pad = np.full((rows - array.shape[0],) + array.shape[1:], fill, dtype=array.dtype)
+  return np.concatenate([array, pad])
