@@ -9,10 +9,10 @@ the published behaviour.
 
 import ml_collections
 
+from fada_jax.constants import STAGES
 from fada_jax.errors import UserError
 
 TASKS = ('g2c', 's2c', 'demo')
-STAGES = ('source_only', 'adversarial', 'self_distill')
 ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16')
 
 # Fields that describe the experiment rather than one stage: `--mode=pipeline` carries

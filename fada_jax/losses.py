@@ -8,7 +8,7 @@ means below are global means, so one device and N devices give the same loss.
 import jax
 import jax.numpy as jnp
 
-IGNORE_LABEL = 255
+from fada_jax.constants import IGNORE_LABEL
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,

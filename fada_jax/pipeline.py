@@ -32,11 +32,11 @@ import jax
 
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
+from fada_jax.constants import STAGES
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
 from fada_jax.train import loop
 
-STAGES = ('source_only', 'adversarial', 'self_distill')
 PSEUDO_LABEL_DIR = 'pseudo_labels'
 PSEUDO_LABEL_MARKER = 'complete.json'
 SUMMARY_FILE = 'summary.json'

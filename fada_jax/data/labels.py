@@ -9,9 +9,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from fada_jax.constants import IGNORE_LABEL
 from fada_jax.errors import UserError
-
-IGNORE_LABEL = 255
 
 CITYSCAPES_CLASS_NAMES: tuple[str, ...] = (
     "road", "sidewalk", "building", "wall", "fence", "pole", "light", "sign",

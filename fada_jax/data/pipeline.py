@@ -27,6 +27,7 @@ import grain
 import numpy as np
 from absl import flags
 
+from fada_jax.constants import IGNORE_LABEL
 from fada_jax.data import sampling
 from fada_jax.data import sources as sources_lib
 from fada_jax.data import transforms
@@ -445,7 +446,8 @@ class EvalBatchMaker:
     label_height = max(s[0] for s in shapes)
     label_width = max(s[1] for s in shapes)
     image_batch = np.zeros((self.local_batch, height, width, 3), np.float32)
-    label_batch = np.full((self.local_batch, label_height, label_width), 255, np.uint8)
+    label_batch = np.full((self.local_batch, label_height, label_width), IGNORE_LABEL,
+                          np.uint8)
     label_shape = np.zeros((self.local_batch, 2), np.int32)
     for j, (image, label) in enumerate(zip(images, labels)):
       if image is not None:

@@ -12,11 +12,10 @@ The names below are the package's interface: `from fada_jax import evaluate;
 evaluate.run_eval(...)`.
 """
 
-from fada_jax.evaluate.inference import (DATA_AXIS, InferenceSettings, Predictor,
-                                         fold_batch_norm, make_mesh, predictor_for,
-                                         scaled_size)
-from fada_jax.evaluate.metrics import (EPSILON, IGNORE_LABEL, MetricAccumulator,
-                                       confusion_counts, metrics_from_counts)
+from fada_jax.evaluate.inference import (InferenceSettings, Predictor, fold_batch_norm,
+                                         predictor_for, scaled_size)
+from fada_jax.evaluate.metrics import (EPSILON, MetricAccumulator, confusion_counts,
+                                       metrics_from_counts)
 from fada_jax.evaluate.outputs import (EVAL_DIR, METRICS_FILE, RESULTS_FILE, format_table,
                                        save_palette_png, save_train_id_png)
 from fada_jax.evaluate.pseudo_labels import run_pseudo_label, write_pseudo_labels
@@ -24,10 +23,10 @@ from fada_jax.evaluate.run import (checkpoint_step, evaluate_checkpoint, find_ch
                                    load_checkpoint_for_eval, run_eval)
 
 __all__ = [
-    "DATA_AXIS", "EPSILON", "EVAL_DIR", "IGNORE_LABEL", "METRICS_FILE", "RESULTS_FILE",
+    "EPSILON", "EVAL_DIR", "METRICS_FILE", "RESULTS_FILE",
     "InferenceSettings", "MetricAccumulator", "Predictor", "checkpoint_step",
     "confusion_counts", "evaluate_checkpoint", "find_checkpoints", "fold_batch_norm",
-    "format_table", "load_checkpoint_for_eval", "make_mesh", "metrics_from_counts",
+    "format_table", "load_checkpoint_for_eval", "metrics_from_counts",
     "predictor_for", "run_eval", "run_pseudo_label", "save_palette_png",
     "save_train_id_png", "scaled_size", "write_pseudo_labels",
 ]

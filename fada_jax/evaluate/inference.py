@@ -33,11 +33,10 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fada_jax import models as models_lib
+from fada_jax.constants import DATA_AXIS, make_mesh
 from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
 from fada_jax.models import layers
-
-DATA_AXIS = "data"
 
 
 # ----------------------------------------------------------------------------- batch norm folding
@@ -146,11 +145,6 @@ def _conv_as_matmul(next_fun, args, kwargs, context):
 
 
 # ----------------------------------------------------------------------------- the predictor
-
-
-def make_mesh() -> Mesh:
-  """1-D mesh 'data' over every device of every process."""
-  return Mesh(np.asarray(jax.devices()), (DATA_AXIS,))
 
 
 def scaled_size(height: int, width: int, scale: float) -> tuple[int, int]:

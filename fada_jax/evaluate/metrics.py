@@ -14,9 +14,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from fada_jax.constants import IGNORE_LABEL
 from fada_jax.data import labels as labels_lib
 
-IGNORE_LABEL = 255
 EPSILON = 1e-10  # the release's guard in I / (U + eps), I / (T + eps)
 
 

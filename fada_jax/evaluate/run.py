@@ -23,10 +23,11 @@ import numpy as np
 from tqdm import tqdm
 
 from fada_jax import checkpoint as checkpoint_lib
+from fada_jax.constants import IGNORE_LABEL
 from fada_jax.errors import UserError
 from fada_jax.evaluate import outputs
 from fada_jax.evaluate.inference import Predictor, pad_rows, predictor_for
-from fada_jax.evaluate.metrics import IGNORE_LABEL, MetricAccumulator
+from fada_jax.evaluate.metrics import MetricAccumulator
 
 
 # ----------------------------------------------------------------------------- a split

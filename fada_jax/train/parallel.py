@@ -13,21 +13,14 @@ the devices; stages 1 and 3 take `batch_size` labelled images. Each process feed
 its local share (`local_batch_sizes`), which `shard_batch` assembles into global arrays.
 """
 
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping
 
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
+from fada_jax.constants import DATA_AXIS, make_mesh  # make_mesh: the training code's name
 from fada_jax.errors import UserError
-
-DATA_AXIS = 'data'
-
-
-def make_mesh(devices: Optional[Sequence[jax.Device]] = None) -> Mesh:
-  """A 1-D mesh named 'data' over `devices` (default: all devices of all processes)."""
-  devices = list(jax.devices() if devices is None else devices)
-  return Mesh(np.asarray(devices), (DATA_AXIS,))
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:

@@ -21,9 +21,9 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from fada_jax.constants import STAGES
 from fada_jax.errors import UserError
 
-STAGES = ('source_only', 'adversarial', 'self_distill')
 TRAINABLE = 'trainable'
 FROZEN = 'frozen'
 
