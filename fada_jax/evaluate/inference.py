@@ -37,6 +37,7 @@ from fada_jax.constants import DATA_AXIS, make_mesh
 from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
 from fada_jax.models import layers
+from fada_jax.models import variables as variables_lib
 
 
 # ----------------------------------------------------------------------------- batch norm folding
@@ -215,26 +216,7 @@ class Predictor:
     expected = jax.eval_shape(
         lambda: models_lib.init_variables(self.models, jax.random.PRNGKey(0), self.config))
     for part in ("feature_extractor", "classifier"):
-      want = {k: v for k, v in expected[part].items() if v}
-      have = {k: v for k, v in variables[part].items() if v}
-      want_flat = dict(jax.tree_util.tree_flatten_with_path(want)[0])
-      have_flat = dict(jax.tree_util.tree_flatten_with_path(have)[0])
-      for path, leaf in want_flat.items():
-        name = f"{part}/{jax.tree_util.keystr(path, simple=True, separator='/')}"
-        if path not in have_flat:
-          raise UserError(f"{where} does not match config.model (arch "
-                          f"{self.config.model.arch}, width {self.config.model.get('width', 64)}, "
-                          f"{self.num_classes} classes): missing {name}")
-        if tuple(np.shape(have_flat[path])) != tuple(leaf.shape):
-          raise UserError(f"{where} does not match config.model (arch "
-                          f"{self.config.model.arch}, width {self.config.model.get('width', 64)}, "
-                          f"{self.num_classes} classes): {name} has shape "
-                          f"{tuple(np.shape(have_flat[path]))}, expected {tuple(leaf.shape)}")
-      extra = sorted(set(have_flat) - set(want_flat))
-      if extra:
-        name = jax.tree_util.keystr(extra[0], simple=True, separator="/")
-        raise UserError(f"{where} does not match config.model (arch {self.config.model.arch}):"
-                        f" unexpected variable {part}/{name}")
+      variables_lib.check_fit(part, variables[part], expected[part], where, self.config.model)
 
   def place_variables(self, variables: dict) -> dict:
     """Feature extractor + classifier variables as float32, replicated on the mesh."""

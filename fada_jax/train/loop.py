@@ -28,6 +28,7 @@ import numpy as np
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
+from fada_jax.models import variables as variables_lib
 from fada_jax.train import distributed
 from fada_jax.train import parallel
 from fada_jax.train import state as state_lib
@@ -41,40 +42,6 @@ EVAL_METRICS_FILE = 'metrics.json'
 
 # ---------------------------------------------------------------------------------------
 # Initial variables.
-
-
-def _path_name(path) -> str:
-  return '/'.join(str(getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k))))
-                  for k in path)
-
-
-def _fit(part: str, loaded: Any, initial: Any, source: str, num_classes: int) -> Any:
-  """`loaded` with `initial`'s structure, shapes and dtypes, or a UserError naming a tensor."""
-  wanted = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(initial)[0]}
-  given = {_path_name(p): v for p, v in jax.tree_util.tree_flatten_with_path(loaded)[0]}
-  missing = sorted(set(wanted) - set(given))
-  if missing:
-    raise UserError(f'config.init_checkpoint={source}: {part}/{missing[0]} is missing '
-                    f'({len(missing)} tensor(s) of the config\'s network are not in it; '
-                    'is it a checkpoint of another architecture?)')
-  extra = sorted(set(given) - set(wanted))
-  if extra:
-    raise UserError(f'config.init_checkpoint={source}: {part}/{extra[0]} is not a tensor '
-                    f'of the config\'s network ({len(extra)} unexpected tensor(s); is it a '
-                    'checkpoint of another architecture?)')
-  for name, value in wanted.items():
-    shape = tuple(np.shape(given[name]))
-    if shape != tuple(value.shape):
-      hint = ''
-      if part in ('classifier', 'discriminator') and shape[-1:] != tuple(value.shape[-1:]):
-        hint = f' (config.model.num_classes={num_classes})'
-      raise UserError(f'config.init_checkpoint={source}: {part}/{name} has shape {shape}, '
-                      f'the config\'s network needs {tuple(value.shape)}{hint}')
-
-  def cast(path, value):
-    return np.asarray(given[_path_name(path)], dtype=value.dtype)
-
-  return jax.tree_util.tree_map_with_path(cast, initial)
 
 
 def initial_variables(config, models, rng: jax.Array) -> dict:
@@ -108,7 +75,8 @@ def initial_variables(config, models, rng: jax.Array) -> dict:
   fitted = {}
   for part in parts:
     given = {k: loaded[part].get(k, {}) for k in abstract[part]}
-    fitted[part] = _fit(part, given, abstract[part], source, config.model.num_classes)
+    fitted[part] = variables_lib.fit(part, given, abstract[part],
+                                     f'config.init_checkpoint={source}', config.model)
   variables = models_lib.init_variables(models, rng, config)
   variables.update(fitted)
   return variables
