@@ -1,6 +1,8 @@
 """TFDS preparation of small folders in each layout, read back through `prepared`."""
 
+import os
 import struct
+import subprocess
 import sys
 import zlib
 from pathlib import Path
@@ -10,13 +12,12 @@ import pytest
 from PIL import Image
 
 from fada_jax.data import labels as labels_lib
+from fada_jax.data import prepare
 from fada_jax.data import prepared
 from fada_jax.data import sources as sources_lib
 from fada_jax.data.builders import layout, preparation
 from fada_jax.errors import UserError
 
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
-import prepare_data  # noqa: E402  (the tool is a script in tools/)
 
 # Cityscapes label ids used in the written labels, mapped and unmapped (0, 1, 4, 255).
 _CITYSCAPES_IDS = np.array([0, 1, 4, 7, 8, 11, 21, 23, 24, 26, 27, 31, 33, 255], np.uint8)
@@ -176,8 +177,8 @@ def test_rerun_is_a_no_op_and_leftovers_of_an_interruption_are_recovered(data_ro
   assert again.already_complete and again.path == first.path
   assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in again.path.iterdir()} == files
   # The tool reports it and leaves it alone too.
-  assert prepare_data.main([f"--data_root={data_root}", f"--output={tmp_path}",
-                            "--datasets=gta5", "--no_progress"]) == 0
+  assert prepare.main([f"--data_root={data_root}", f"--output={tmp_path}",
+                       "--datasets=gta5", "--no_progress"]) == 0
   assert {p: (p.stat().st_mtime_ns, p.read_bytes()) for p in first.path.iterdir()} == files
 
   # An interrupted run leaves a temporary folder; the next run removes it and completes.
@@ -215,18 +216,28 @@ def test_a_failure_midway_leaves_nothing_and_a_corrupt_frame_can_be_skipped(data
 
 
 def test_tool_prepares_everything_and_reports_errors_in_one_line(data_root, tmp_path, capsys):
-  assert prepare_data.main([f"--data_root={data_root}", f"--output={tmp_path}", "--workers=1",
-                            f"--pseudo_label_dir={data_root / 'pseudo'}", "--no_progress"]) == 0
+  assert prepare.main([f"--data_root={data_root}", f"--output={tmp_path}", "--workers=1",
+                       f"--pseudo_label_dir={data_root / 'pseudo'}", "--no_progress"]) == 0
   out = capsys.readouterr().out
   for name, classes in (("gta5", 19), ("synthia", 16), ("cityscapes", 19), ("cityscapes", 16),
                         ("cityscapes_pseudo", 19)):
     assert f"{name} ({classes} classes): prepared" in out
-  assert prepare_data.main([f"--data_root={tmp_path / 'missing'}"]) == 2
+  assert prepare.main([f"--data_root={tmp_path / 'missing'}"]) == 2
   err = capsys.readouterr().err
   assert err.startswith("error: ") and "missing" in err and err.count("\n") == 1
-  assert prepare_data.main([f"--data_root={data_root}", "--datasets=synthia",
-                            "--num_classes=19", f"--output={tmp_path}"]) == 2
+  assert prepare.main([f"--data_root={data_root}", "--datasets=synthia",
+                       "--num_classes=19", f"--output={tmp_path}"]) == 2
   assert "16-class" in capsys.readouterr().err
+
+
+def test_the_tool_is_the_modules_command_line(tmp_path):
+  repo = Path(__file__).resolve().parent.parent
+  result = subprocess.run(
+      [sys.executable, str(repo / "tools" / "prepare_data.py"),
+       f"--data_root={tmp_path / 'missing'}"], capture_output=True, text=True, timeout=120,
+      env={**os.environ, "PYTHONPATH": str(repo)})
+  assert result.returncode == 2
+  assert result.stderr.startswith("error: data root ") and result.stderr.count("\n") == 1
 
 
 def test_unprepared_dataset_names_the_path_and_the_command(tmp_path):

@@ -1,117 +1,13 @@
-"""Prepares GTA5, SYNTHIA, Cityscapes (and pseudo-labelled Cityscapes) as ArrayRecord files.
+"""Prepares the datasets as ArrayRecord files: the command line of fada_jax.data.prepare.
 
-Usage:
-  python tools/prepare_data.py --data_root=ROOT [--datasets=gta5,synthia,cityscapes]
-      [--num_classes=19] [--workers=N] [--output=DIR] [--pseudo_label_dir=DIR]
-      [--skip_corrupt]
+  python tools/prepare_data.py --data_root=ROOT [--datasets=...] [--workers=N] ...
 
-ROOT holds the release's folder layouts (gta5/, synthia/, cityscapes/; see README). Each
-dataset is written under DIR (default ROOT/prepared) as <dataset>/<config>/1.0.0/, with
-labels mapped to train ids and the classes present in each frame (the class-balanced
-sampler's table). Defaults: every dataset found under ROOT, in its settings: GTA5 19 classes,
-SYNTHIA 16, Cityscapes 19 and 16; with --pseudo_label_dir also cityscapes_pseudo (19 classes
-unless --num_classes says otherwise). Train with `config.data.format='array_record'`.
-
-Safe to interrupt and rerun: a dataset is written to a temporary folder and renamed when
-complete; a complete dataset is reported and left untouched; leftovers of an interrupted run
-are removed on the next. Errors are one line (`error: ...`, exit status 2).
+`--help` lists the options; the module's docstring describes what is written where.
 """
 
-from __future__ import annotations
-
-import argparse
-import os
 import sys
-from pathlib import Path
 
-from fada_jax.errors import UserError
-
-_DEFAULT_CLASSES = {"gta5": (19,), "synthia": (16,), "cityscapes": (19, 16),
-                    "cityscapes_pseudo": (19,)}
-_FOLDERS = {"gta5": "gta5", "synthia": "synthia", "cityscapes": "cityscapes"}
-
-
-def _parse_args(argv: list[str]) -> argparse.Namespace:
-  parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--data_root", required=True, help="folder holding gta5/, synthia/, cityscapes/")
-  parser.add_argument("--datasets", default="",
-                      help="comma list of gta5, synthia, cityscapes, cityscapes_pseudo "
-                           "(default: those found under --data_root)")
-  parser.add_argument("--num_classes", default="",
-                      help="19, 16 or '19,16' (default: each dataset's own settings)")
-  parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
-                      help="encoding processes (default: all cores)")
-  parser.add_argument("--output", default="", help="output folder (default: DATA_ROOT/prepared)")
-  parser.add_argument("--pseudo_label_dir", default="",
-                      help="pseudo labels (<dir>/<city>/<stem>.png) to prepare as cityscapes_pseudo")
-  parser.add_argument("--skip_corrupt", action="store_true",
-                      help="skip corrupt frames (counted and reported) instead of stopping")
-  parser.add_argument("--no_progress", action="store_true", help="no progress bars")
-  return parser.parse_args(argv)
-
-
-def _plan(args: argparse.Namespace) -> list[tuple[str, int]]:
-  """(dataset, num_classes) pairs to prepare, in order."""
-  root = Path(args.data_root).expanduser()
-  if not root.is_dir():
-    raise UserError(f"data root {root} does not exist; expected it to hold gta5/, synthia/ "
-                    "and/or cityscapes/ in the release layouts")
-  explicit = [d.strip() for d in args.datasets.split(",") if d.strip()]
-  datasets = explicit or [d for d, folder in _FOLDERS.items() if (root / folder).is_dir()]
-  if not explicit and args.pseudo_label_dir:
-    datasets.append("cityscapes_pseudo")
-  if not datasets:
-    raise UserError(f"data root {root} holds none of gta5/, synthia/, cityscapes/; "
-                    "expected the release layouts (see tools/prepare_data.py --help)")
-  classes = []
-  for value in (v.strip() for v in args.num_classes.split(",") if v.strip()):
-    if value not in ("16", "19"):
-      raise UserError(f"--num_classes must be 19, 16 or '19,16', got {args.num_classes!r}")
-    classes.append(int(value))
-  plan = []
-  for dataset in datasets:
-    if dataset not in _DEFAULT_CLASSES:
-      raise UserError(f"unknown dataset {dataset!r} in --datasets; expected "
-                      f"{', '.join(_DEFAULT_CLASSES)}")
-    for num_classes in classes or _DEFAULT_CLASSES[dataset]:
-      if dataset == "synthia" and num_classes != 16:
-        if explicit:
-          raise UserError("SYNTHIA exists only in the 16-class setting; use --num_classes=16")
-        continue  # Defaulted datasets: just the settings that exist.
-      plan.append((dataset, num_classes))
-  return plan
-
-
-def main(argv: list[str]) -> int:
-  args = _parse_args(argv)
-  try:
-    plan = _plan(args)
-    # Imported after the arguments check so that `--help` and bad flags answer at once.
-    from fada_jax.data.builders import preparation  # pylint: disable=g-import-not-at-top
-    output = Path(args.output).expanduser() if args.output else (
-        Path(args.data_root).expanduser() / "prepared")
-    for dataset, num_classes in plan:
-      result = preparation.prepare(
-          dataset, args.data_root, output, num_classes, workers=args.workers,
-          pseudo_label_dir=args.pseudo_label_dir or None, skip_corrupt=args.skip_corrupt,
-          progress=not args.no_progress)
-      counts = ", ".join(f"{split}: {n}" for split, n in result.counts.items())
-      if result.already_complete:
-        print(f"{dataset} ({num_classes} classes): already complete at {result.path} "
-              f"({counts}); left untouched")
-      else:
-        print(f"{dataset} ({num_classes} classes): prepared {result.path} ({counts})")
-      if result.skipped:
-        print(f"{dataset} ({num_classes} classes): skipped {len(result.skipped)} corrupt "
-              f"frame(s), first: {result.skipped[0]}")
-  except UserError as error:
-    print(f"error: {error}", file=sys.stderr)
-    return 2
-  except KeyboardInterrupt:
-    print("interrupted: nothing complete was lost; rerun to finish", file=sys.stderr)
-    return 130
-  return 0
-
+from fada_jax.data import prepare
 
 if __name__ == "__main__":
-  sys.exit(main(sys.argv[1:]))
+  sys.exit(prepare.main(sys.argv[1:]))
