@@ -376,11 +376,34 @@ def test_optimisers_match_torch_optim(freeze_bn):
   assert moved != freeze_bn
 
 
-def test_poly_schedule_values():
-  schedule = state_lib.poly_schedule(2.5e-4, 62500, 0.9)
-  assert float(schedule(0)) == pytest.approx(2.5e-4, rel=1e-7)
-  assert float(schedule(40000)) == pytest.approx(2.5e-4 * (1 - 40000 / 62500) ** 0.9, rel=1e-5)
-  assert float(schedule(62500)) == 0.0
+@pytest.mark.parametrize('base_lr, max_iter', [(2.5e-4, 62500), (5e-3, 300), (1e-3, 7)])
+def test_poly_schedule_is_the_release_formula(base_lr, max_iter):
+  """base * (1 - it / max_iter)^0.9, compiled as the train step evaluates it; 0 from
+  max_iter on."""
+  schedule = jax.jit(state_lib.poly_schedule(base_lr, max_iter, 0.9))
+  counts = np.unique(np.r_[np.arange(min(max_iter, 50)), np.linspace(0, max_iter - 1, 50),
+                           np.arange(max(0, max_iter - 50), max_iter + 20)].astype(np.int32))
+  got = np.asarray([schedule(jnp.int32(c)) for c in counts], np.float64)
+  remaining = np.maximum(1 - counts / max_iter, 0)
+  expected = base_lr * remaining ** 0.9
+  before = counts < max_iter
+  # float32 rounds it / max_iter by up to 2^-24 (absolute); the power turns that into a
+  # relative error of 0.9 * 2^-24 / remaining, plus a few roundings of its own.
+  bound = 0.9 * 2.0 ** -24 / remaining[before] + 8 * 2.0 ** -24
+  np.testing.assert_array_less(np.abs(got[before] / expected[before] - 1), bound)
+  np.testing.assert_array_equal(got[~before], 0.0)
+
+
+def test_an_update_uses_the_learning_rate_of_the_updates_done_before_it():
+  base_lr, max_iter = 0.5, 4
+  optimizer = state_lib.torch_sgd(state_lib.poly_schedule(base_lr, max_iter, 0.9), 0.0, 0.0)
+  params = jnp.zeros((), jnp.float32)
+  opt_state = optimizer.init(params)
+  update = jax.jit(optimizer.update)
+  for it in range(max_iter + 1):
+    updates, opt_state = update(jnp.ones((), jnp.float32), opt_state, params)
+    expected = base_lr * (1 - it / max_iter) ** 0.9
+    assert float(-updates) == pytest.approx(expected, rel=1e-6, abs=0)
 
 
 def test_unknown_stage_is_a_user_error():

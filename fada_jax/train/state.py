@@ -58,17 +58,17 @@ def trainable_modules(stage: str) -> tuple:
 def poly_schedule(base_lr: float, max_iter: int, power: float) -> optax.Schedule:
   """lr(it) = base * (1 - it / max_iter)^power; `it` = updates done before this one.
 
-  Clamped at 0 past max_iter (the release stops at stop_iter < max_iter anyway).
+  optax's schedules receive the optimiser's update count, which is exactly that `it`.
+  0 from max_iter on (the release stops at stop_iter <= max_iter anyway).
   """
   base_lr, max_iter, power = float(base_lr), int(max_iter), float(power)
   if max_iter <= 0:
     raise UserError(f'config.solver.max_iter={max_iter} must be positive')
-
-  def schedule(count):
-    remaining = 1.0 - jnp.asarray(count, jnp.float32) / max_iter
-    return base_lr * jnp.power(jnp.maximum(remaining, 0.0), power)
-
-  return schedule
+  poly = optax.polynomial_schedule(init_value=base_lr, end_value=0.0, power=power,
+                                   transition_steps=max_iter)
+  # Compiled, XLA may compute it / max_iter as it * (1 / max_iter), a hair above 1 at
+  # it = max_iter, and the power of the negative remainder is NaN: pin the end to 0.
+  return lambda count: jnp.where(count < max_iter, poly(count), 0.0)
 
 
 def schedules(config) -> Dict[str, optax.Schedule]:
