@@ -1,4 +1,4 @@
-"""The compiled training steps hold no scatter.
+"""The compiled training steps hold no scatter, and runs ask XLA for deterministic kernels.
 
 A scatter (the gradient of a gather, of select-and-scatter, of `.at[].set`) runs as
 atomics on GPUs: its additions land in a varying order, so two runs, or a run and its
@@ -8,11 +8,14 @@ and its optimised HLO is searched for scatter ops.
 """
 
 import json
+import os
 import re
+import subprocess
 import sys
 
 import pytest
 
+from fada_jax import main as main_lib
 from tiny_runs import REPO, TINY
 
 sys.path.insert(0, str(REPO / "tools"))
@@ -51,3 +54,36 @@ def test_compiled_training_step_has_no_scatter(stage, matmul_convs, tmp_path, ca
   hlo = hlo_path.read_text()
   assert "ENTRY" in hlo
   assert scatter_ops(hlo) == []
+
+
+USER_FLAGS = "--xla_force_host_platform_device_count=2"
+DETERMINISTIC = "--xla_gpu_deterministic_ops=true"
+
+
+@pytest.mark.parametrize("user_flags,arguments,expected", [
+    (USER_FLAGS, [], f"{USER_FLAGS} {DETERMINISTIC}"),  # appended, the user's kept
+    ("", [], DETERMINISTIC),
+    (f"{USER_FLAGS} --xla_gpu_deterministic_ops=false", [],
+     f"{USER_FLAGS} --xla_gpu_deterministic_ops=false"),  # the user's own choice wins
+    (USER_FLAGS, ["--nodeterministic"], USER_FLAGS),
+], ids=["appended", "alone", "user_choice_kept", "switched_off"])
+def test_main_sets_gpu_determinism_in_xla_flags(user_flags, arguments, expected, tmp_path):
+  env = dict(os.environ, XLA_FLAGS=user_flags, JAX_PLATFORMS="cpu",
+             PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
+  # --mode=eval without --checkpoint stops with a one-line error once the run has started.
+  run = subprocess.run(
+      [sys.executable, "-m", "fada_jax.main", "--config=configs/demo.py", "--mode=eval",
+       f"--workdir={tmp_path}", "--verbosity=0", *arguments],
+      cwd=REPO, env=env, capture_output=True, text=True, timeout=300, check=False)
+  assert run.returncode == 2, run.stderr[-2000:]
+  assert "--checkpoint" in run.stderr.strip().splitlines()[-1]
+  assert re.findall(r"XLA_FLAGS=(.*)", run.stderr) == [expected]
+
+
+def test_cpu_backend_accepts_the_determinism_flag():
+  # XLA aborts at start-up on a flag it does not know; this one must start on CPU too.
+  flags = main_lib.with_gpu_determinism(USER_FLAGS)
+  env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
+  run = subprocess.run([sys.executable, "-c", "import jax; print(jax.device_count())"],
+                       env=env, capture_output=True, text=True, timeout=120, check=False)
+  assert run.returncode == 0 and run.stdout.split() == ["2"], run.stderr[-2000:]

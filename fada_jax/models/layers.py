@@ -218,7 +218,7 @@ def max_pool(x: jax.Array, window: Tuple[int, int], strides: Tuple[int, int],
 
   The values are `flax.linen.max_pool`'s (the same reduce_window). Its gradient,
   select-and-scatter, becomes a scatter on CPU and has no deterministic GPU kernel (XLA
-  refuses to compile it under --xla_gpu_deterministic_ops). Here each window's gradient
+  fails to compile it when asked for deterministic ops only). Here each window's gradient
   goes, as in torch and in select-and-scatter, to its first maximum in row-major order,
   found by comparing every window tap with the output; each tap's share is put back in
   place by a strided (interior) pad. Elementwise ops and pads only: deterministic.
