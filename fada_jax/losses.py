@@ -27,7 +27,11 @@ def cross_entropy(logits: jax.Array, labels: jax.Array,
   # Ignored pixels may hold 255 >= K: point them at class 0 and mask them out after.
   safe_labels = jnp.where(valid, labels, 0)
   log_probs = jax.nn.log_softmax(logits, axis=-1)
-  picked = jnp.take_along_axis(log_probs, safe_labels[..., None], axis=-1)[..., 0]
+  # The label's log-probability by compare-and-select, not take_along_axis: a gather's
+  # gradient is a scatter-add, which GPUs run with atomics (non-deterministic). The sum
+  # adds exact zeros to the one selected value, so the value is unchanged.
+  classes = jnp.arange(log_probs.shape[-1], dtype=jnp.int32)
+  picked = jnp.sum(jnp.where(safe_labels[..., None] == classes, log_probs, 0.0), axis=-1)
   losses = jnp.where(valid, -picked, 0.0)
   count = jnp.sum(valid).astype(jnp.float32)
   return jnp.sum(losses) / jnp.maximum(count, 1.0)

@@ -32,6 +32,28 @@ _COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'Multi-host: HOST:PORT of process 0.')
 _NUM_PROCESSES = flags.DEFINE_integer('num_processes', None, 'Multi-host: process count.')
 _PROCESS_ID = flags.DEFINE_integer('process_id', None, 'Multi-host: index of this process.')
+_DETERMINISTIC = flags.DEFINE_bool(
+    'deterministic', True,
+    'GPU: compile with XLA\'s deterministic kernels (--xla_gpu_deterministic_ops=true, '
+    'appended to XLA_FLAGS unless they set it), so that a run resumed after a crash is '
+    'bitwise identical to an uninterrupted one. --nodeterministic lets autotuning pick '
+    'the fastest kernels, some of which add in a varying order. No effect on CPUs.')
+
+GPU_DETERMINISM_FLAG = '--xla_gpu_deterministic_ops'
+
+
+def with_gpu_determinism(xla_flags: str) -> str:
+  """`xla_flags` plus --xla_gpu_deterministic_ops=true, unless they set that flag already.
+
+  With it XLA:GPU takes the first working cuBLAS / cuDNN algorithm rather than the
+  fastest-timed one (timings vary between compilations), deterministic ones only, and
+  expands scatters into ordered loops. Select-and-scatter has no deterministic GPU
+  kernel (XLA's docs/determinism.md), which is why the networks avoid it (layers.max_pool).
+  """
+  tokens = xla_flags.split()
+  if any(t == GPU_DETERMINISM_FLAG or t.startswith(GPU_DETERMINISM_FLAG + '=') for t in tokens):
+    return xla_flags  # the user's own choice, either way
+  return ' '.join([*tokens, GPU_DETERMINISM_FLAG + '=true'])
 
 flags.mark_flags_as_required(['config', 'workdir'])
 
@@ -39,6 +61,10 @@ flags.mark_flags_as_required(['config', 'workdir'])
 def _run(argv):
   if len(argv) > 1:
     raise UserError(f'unexpected arguments: {" ".join(argv[1:])}')
+  # XLA reads XLA_FLAGS once, when the backend starts: nothing above touches jax.
+  if _DETERMINISTIC.value:
+    os.environ['XLA_FLAGS'] = with_gpu_determinism(os.environ.get('XLA_FLAGS', ''))
+  logging.info('XLA_FLAGS=%s', os.environ.get('XLA_FLAGS', ''))
   config = _CONFIG.value
   workdir = _WORKDIR.value
   config_lib.validate(config)

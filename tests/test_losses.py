@@ -1,5 +1,7 @@
 """The FADA losses against torch's definitions of the same quantities."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -72,3 +74,11 @@ def test_domain_encodings_put_the_distribution_in_the_right_half():
                                 [[[[0.2, 0.8, 0.0, 0.0]]]], rtol=1e-7)
   np.testing.assert_allclose(np.asarray(losses.target_domain_encoding(soft)),
                                 [[[[0.0, 0.0, 0.2, 0.8]]]], rtol=1e-7)
+
+
+def test_cross_entropy_gradient_compiles_without_gather_or_scatter():
+  # A gather's gradient is a scatter-add: atomics, so non-deterministic, on GPUs.
+  labels = jnp.asarray(np.random.default_rng(3).integers(0, 5, (2, 3, 4)), jnp.uint8)
+  hlo = jax.jit(jax.grad(losses.cross_entropy)).lower(
+      jnp.zeros((2, 3, 4, 5)), labels).compile().as_text()
+  assert not re.findall(r"\s(?:gather|scatter)\(", hlo)

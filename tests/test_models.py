@@ -7,6 +7,7 @@ converter relies on (OIHW -> HWIO).
 """
 
 import functools
+import re
 
 import flax
 import jax
@@ -254,7 +255,7 @@ def assert_same_tree(variables, reference):
 # ----------------------------------------------------------------------------- resize
 
 
-@pytest.mark.parametrize("in_hw,out_hw", [
+RESIZE_CASES = [
     ((5, 7), (17, 29)),    # upsampling, odd factors
     ((33, 65), (257, 513)),  # logits -> image, x8
     ((40, 31), (13, 9)),   # downsampling
@@ -262,28 +263,89 @@ def assert_same_tree(variables, reference):
     ((1, 1), (4, 3)),      # 1-pixel input
     ((9, 12), (9, 12)),    # identity
     ((8, 5), (1, 11)),     # mixed
-])
+    ((1, 7), (6, 7)),      # 1-pixel input height, identity width
+]
+
+
+@pytest.mark.parametrize("in_hw,out_hw", RESIZE_CASES)
 def test_resize_matches_torch_align_corners(in_hw, out_hw):
   x = torch.randn(2, 3, *in_hw, generator=torch.Generator().manual_seed(0))
   want = F.interpolate(x, size=out_hw, mode="bilinear", align_corners=True)
   got = layers.resize_bilinear_align_corners(nhwc(x), out_hw)
-  assert got.shape == (2, *out_hw, 3)
+  assert got.shape == (2, *out_hw, 3) and got.dtype == jnp.float32
   assert relative_error(got, want) < 1e-6
 
 
-def test_resize_gradient_matches_torch():
-  x = torch.randn(1, 2, 7, 10, generator=torch.Generator().manual_seed(1), requires_grad=True)
-  weights = torch.randn(1, 2, 23, 4, generator=torch.Generator().manual_seed(2))
-  (F.interpolate(x, size=(23, 4), mode="bilinear", align_corners=True) * weights).sum().backward()
-  grad = jax.grad(lambda x: jnp.sum(
-      layers.resize_bilinear_align_corners(x, (23, 4)) * nhwc(weights)))(nhwc(x.detach()))
+@pytest.mark.parametrize("in_hw,out_hw", RESIZE_CASES)
+def test_resize_gradient_matches_torch(in_hw, out_hw):
+  x = torch.randn(2, 3, *in_hw, generator=torch.Generator().manual_seed(1), requires_grad=True)
+  weights = torch.randn(2, 3, *out_hw, generator=torch.Generator().manual_seed(2))
+  (F.interpolate(x, size=out_hw, mode="bilinear", align_corners=True) * weights).sum().backward()
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(
+      layers.resize_bilinear_align_corners(x, out_hw) * nhwc(weights))))(nhwc(x.detach()))
   assert relative_error(grad, x.grad) < 1e-6
+
+
+def _within_half_bfloat16_ulp(got, exact):
+  """|got - exact| <= half a bfloat16 ulp of `exact` (plus float32 rounding before it)."""
+  exact = np.asarray(exact, np.float64)
+  ulp = 2.0 ** (np.floor(np.log2(np.maximum(np.abs(exact), 1e-30))) - 7)
+  return np.abs(np.asarray(got, np.float64) - exact) <= 0.5 * ulp + 1e-6 * np.abs(exact)
+
+
+def test_resize_bfloat16_interpolates_in_float32_and_rounds_once():
+  x = torch.randn(1, 2, 9, 13, generator=torch.Generator().manual_seed(3))
+  x_bf16 = nhwc(x).astype(jnp.bfloat16)
+  got = layers.resize_bilinear_align_corners(x_bf16, (50, 71))
+  assert got.dtype == jnp.bfloat16
+  exact = F.interpolate(torch.from_numpy(np.asarray(x_bf16, np.float64).transpose(0, 3, 1, 2)),
+                        size=(50, 71), mode="bilinear", align_corners=True)
+  assert np.all(_within_half_bfloat16_ulp(got, exact.numpy().transpose(0, 2, 3, 1)))
+
+
+def test_resize_compiles_without_gather_or_scatter():
+  hlo = jax.jit(jax.grad(lambda x: jnp.sum(jnp.sin(
+      layers.resize_bilinear_align_corners(x, (40, 70)))))).lower(
+          jnp.zeros((2, 5, 9, 3))).compile().as_text()
+  assert not re.findall(r"\s(?:gather|scatter)\(", hlo)
 
 
 def test_resize_is_not_half_pixel():
   x = jnp.arange(4.0).reshape(1, 1, 4, 1)
   got = layers.resize_bilinear_align_corners(x, (1, 7))[0, 0, :, 0]
   np.testing.assert_allclose(got, np.linspace(0, 3, 7), atol=1e-6)
+
+
+# ----------------------------------------------------------------------------- max pool
+
+
+@pytest.mark.parametrize("kernel,stride,padding,in_hw", [
+    (3, 2, 1, (13, 17)),  # the ResNet stem's MaxPool2d(3, 2, padding=1), overlapping windows
+    (3, 2, 1, (12, 16)),
+    (2, 2, 0, (12, 17)),  # VGG's MaxPool2d(2, 2), odd width floored
+])
+def test_max_pool_matches_torch_values_and_gradient_with_ties(kernel, stride, padding, in_hw):
+  rng = np.random.default_rng(4)
+  # ReLU'd and coarsely rounded: many windows hold several equal maxima (zeros), where
+  # the gradient must go to the first one in row-major order, as in torch.
+  x = np.maximum(np.round(rng.standard_normal((2, 3, *in_hw)) * 2) / 2, 0).astype(np.float32)
+  x_torch = torch.from_numpy(x).requires_grad_()
+  pooled = F.max_pool2d(x_torch, kernel, stride, padding)
+  weights = torch.randn(pooled.shape, generator=torch.Generator().manual_seed(5))
+  (pooled * weights).sum().backward()
+  pool = functools.partial(layers.max_pool, window=(kernel, kernel), strides=(stride, stride),
+                           padding=((padding, padding), (padding, padding)))
+  got, grad = jax.value_and_grad(lambda v: jnp.sum(pool(v) * nhwc(weights)))(nhwc(x_torch.detach()))
+  np.testing.assert_array_equal(np.asarray(pool(nhwc(x_torch.detach()))),
+                                pooled.detach().numpy().transpose(0, 2, 3, 1))
+  assert relative_error(grad, x_torch.grad) < 1e-6
+
+
+def test_max_pool_gradient_compiles_without_scatter():
+  pool = lambda v: layers.max_pool(v, (3, 3), (2, 2), ((1, 1), (1, 1)))  # noqa: E731
+  hlo = jax.jit(jax.grad(lambda v: jnp.sum(jnp.sin(pool(v))))).lower(
+      jnp.zeros((2, 12, 16, 3))).compile().as_text()
+  assert not re.findall(r"\s(?:select-and-)?scatter\(", hlo)
 
 
 # ----------------------------------------------------------------------------- batch norm

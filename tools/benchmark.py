@@ -237,6 +237,8 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
                       help="jax: add XLA's memory analysis of the compiled step")
   parser.add_argument("--compile-only", action="store_true",
                       help="jax: compile (for --memory and the FLOP count) without running")
+  parser.add_argument("--dump-hlo", metavar="FILE", default=None,
+                      help="jax: write the compiled step's optimised HLO text to FILE")
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                       help="torch intra-op threads (JAX on CPU uses every core)")
 
@@ -295,6 +297,9 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
   start = time.perf_counter()
   compiled = step.lower(abstract_state, abstract_batch).compile()
   compile_seconds = time.perf_counter() - start
+  if args.dump_hlo:
+    with open(args.dump_hlo, "w") as hlo_file:
+      hlo_file.write(compiled.as_text())
   result: dict[str, Any] = {"devices": jax.device_count(),
                             "platform": jax.devices()[0].platform, "dtype": args.dtype,
                             "remat": args.remat, "compile_seconds": round(compile_seconds, 2)}

@@ -112,7 +112,7 @@ class ResNetFeatureExtractor(nn.Module):
                          axis_name=self.axis_name, dtype=dtype, name="bn1")(x)
     x = nn.relu(x)
     # torch MaxPool2d(3, 2, padding=1): padded cells never win (reduce_window pads -inf).
-    x = nn.max_pool(x, (3, 3), strides=(2, 2), padding=((1, 1), (1, 1)))
+    x = layers.max_pool(x, (3, 3), (2, 2), ((1, 1), (1, 1)))
 
     in_channels = self.width
     dilation = 1

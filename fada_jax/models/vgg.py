@@ -41,7 +41,7 @@ class VGGFeatureExtractor(nn.Module):
         x = nn.relu(x)
         in_channels = channels
       if pool:
-        x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
+        x = layers.max_pool(x, (2, 2), (2, 2), ((0, 0), (0, 0)))
     for name in ("fc6", "fc7"):
       x = layers.conv(OUTPUT_CHANNELS, 3, dilation=4, use_bias=True, dtype=dtype,
                       name=name, in_features=in_channels)(x)
