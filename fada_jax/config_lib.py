@@ -20,6 +20,7 @@ ARCHS = ('resnet18', 'resnet34', 'resnet50', 'resnet101', 'resnet152', 'vgg16')
 SHARED_FIELDS = (
     'seed', 'log_every',
     'model.arch', 'model.num_classes', 'model.dtype', 'model.remat', 'model.width',
+    'model.matmul_convs',
     'data.root', 'data.format', 'data.workers', 'data.skip_corrupt', 'data.synthetic_size',
     'eval.batch_size',
 )
@@ -95,6 +96,9 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   config.model.dtype = 'float32'
   config.model.remat = False
   config.model.width = 16 if demo else 64
+  # Convolutions as matrix products (models/conv_dispatch.py): 'auto' = on for the CPU
+  # backend, where XLA's convolutions are slow; GPUs/TPUs keep their convolutions.
+  config.model.matmul_convs = 'auto'
 
   config.data = ml_collections.ConfigDict()
   config.data.root = ''
@@ -141,7 +145,8 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
 def validate(config: ml_collections.ConfigDict) -> None:
   """Checks the values a typo or a wrong override can break; raises `UserError`."""
   choices = {'task': TASKS, 'stage': STAGES, 'model.arch': ARCHS,
-             'model.dtype': ('float32', 'bfloat16'), 'data.format': ('folder', 'array_record'),
+             'model.dtype': ('float32', 'bfloat16'), 'model.matmul_convs': ('auto', 'on', 'off'),
+             'data.format': ('folder', 'array_record'),
              'data.normalization': ('imagenet', 'caffe')}
   for field, allowed in choices.items():
     value = _get(config, field)

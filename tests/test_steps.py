@@ -5,8 +5,6 @@ release's train_adv.py): a functional torch ResNet-18/ASPP/discriminator that re
 same weights, torch.optim.SGD / Adam, and the release's order of operations.
 """
 
-import functools
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -16,7 +14,7 @@ import torch.nn.functional as F
 
 from fada_jax import config_lib, losses, models
 from fada_jax.errors import UserError
-from fada_jax.train import fast_conv, parallel, state as state_lib, steps
+from fada_jax.train import parallel, state as state_lib, steps
 
 WIDTH = 8
 NUM_CLASSES = 5
@@ -283,40 +281,6 @@ def test_frozen_bn_receives_no_update_and_no_optimiser_state(adversarial_run):
   assert state.step == 2
 
 
-# ------------------------------------------------------------------ matmul convolutions
-
-
-@pytest.mark.parametrize('kernel,stride,dilation,padding,channels,features', [
-    (3, 2, 1, ((1, 1), (1, 1)), 6, 7),     # per-tap kernel gradient, strided
-    (3, 1, 2, ((2, 1), (0, 3)), 40, 20),   # stacked-gradient kernel gradient, odd padding
-    (1, 2, 1, ((0, 0), (0, 0)), 6, 7),     # 1x1 as a product
-    (3, 1, 6, ((6, 6), (6, 6)), 40, 5),    # narrow (ASPP-like) as one product
-])
-def test_matmul_convs_match_lax(kernel, stride, dilation, padding, channels, features):
-  rng = np.random.default_rng(0)
-  x = jnp.asarray(rng.standard_normal((2, 13, 17, channels)), jnp.float32)
-  w = jnp.asarray(rng.standard_normal((kernel, kernel, channels, features)), jnp.float32)
-  args = dict(window_strides=(stride, stride), padding=padding,
-              rhs_dilation=(dilation, dilation), dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
-
-  out_shape = jax.eval_shape(lambda: jax.lax.conv_general_dilated(x, w, **args)).shape
-  cotangent = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)
-
-  def loss(conv, x, w):
-    return jnp.sum(conv(x, w, **args).astype(jnp.float32) * cotangent)
-
-  expected = jax.value_and_grad(functools.partial(loss, jax.lax.conv_general_dilated),
-                                (0, 1))(x, w)
-  got = jax.jit(jax.value_and_grad(functools.partial(loss, fast_conv.conv_general_dilated),
-                                   (0, 1)))(x, w)
-  for a, b in zip(jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(expected)):
-    assert _rel(a, b) < 1e-5
-  low = jax.jit(jax.grad(functools.partial(loss, fast_conv.conv_general_dilated), (0, 1)))(
-      x.astype(jnp.bfloat16), w.astype(jnp.bfloat16))
-  for a, b in zip(low, expected[1]):
-    assert a.dtype == jnp.bfloat16 and _rel(a.astype(jnp.float32), b) < 5e-2
-
-
 # ------------------------------------------------------------------ optimisers
 
 
@@ -420,7 +384,7 @@ def test_bfloat16_with_remat_trains_with_float32_state():
   variables = _variables(config)
   state = state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(0))
   # lax convolutions, as on the accelerators bfloat16 is meant for (cheaper to compile);
-  # the matmul convolutions in bfloat16 are checked in test_matmul_convs_match_lax.
+  # the matmul convolutions in bfloat16 are checked in tests/test_conv_dispatch.py.
   step = jax.jit(steps.make_step(config, network, state, matmul_convs=False))
   rng = np.random.default_rng(0)
   batch = {'image': rng.standard_normal((2, 32, 32, 3)).astype(np.float32),

@@ -72,8 +72,12 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--threads", type=int, default=os.cpu_count() or 1,
                       help="torch intra-op threads (JAX on CPU uses every core)")
   parser.add_argument("--channels-last", action="store_true", help="torch: NHWC memory format")
+  parser.add_argument("--matmul-convs", choices=("auto", "on", "off"), default="auto",
+                      help="jax: some convolutions as matrix products (auto = on for CPU; "
+                           "see fada_jax/models/conv_dispatch.py)")
   parser.add_argument("--no-transforms", action="store_true",
-                      help="jax: run the plain network (no BN folding, every conv as a convolution)")
+                      help="jax: run the plain network (no BN folding, every conv as a "
+                           "convolution, whatever --matmul-convs says)")
 
 
 def _random_variables(config, seed: int = 0) -> dict:
@@ -105,8 +109,9 @@ def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
   config.model.width = args.width
   config.model.num_classes = args.num_classes
   transforms = not args.no_transforms
+  matmul_convs = {"auto": None, "on": True, "off": False}[args.matmul_convs]
   predictor = evaluate.Predictor(config, fold_batch_norm=transforms,
-                                 convs_as_matmuls=transforms)
+                                 convs_as_matmuls=matmul_convs if transforms else False)
   variables = predictor.place_variables(_random_variables(config))
   width, height = args.size
   if args.batch % predictor.num_devices:
@@ -125,6 +130,7 @@ def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
   return {"flops_per_step": float(cost.get("flops", float("nan"))) if cost else None,
           "devices": jax.device_count(), "platform": jax.devices()[0].platform,
           "compile_seconds": round(compile_seconds, 2), "transforms": transforms,
+          "matmul_convs": predictor.convs_as_matmuls,
           "step_seconds": [round(t, 4) for t in times]}
 
 
@@ -231,8 +237,9 @@ def _add_train_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--remat", action="store_true", help="rematerialise backbone blocks")
   parser.add_argument("--freeze-bn", choices=("true", "false"), default="true")
   parser.add_argument("--matmul-convs", choices=("auto", "on", "off"), default="auto",
-                      help="jax: convolution weight gradients as matrix products "
-                           "(auto = on for CPU; see fada_jax/train/fast_conv.py)")
+                      help="jax: convolution weight gradients (and 1x1 / narrow convs) as "
+                           "matrix products (auto = on for CPU; see "
+                           "fada_jax/models/conv_dispatch.py)")
   parser.add_argument("--memory", action="store_true",
                       help="jax: add XLA's memory analysis of the compiled step")
   parser.add_argument("--compile-only", action="store_true",

@@ -16,8 +16,10 @@ over the global batch inside the compiled step, so every process ends with the c
 the whole split.
 
 Two transforms make inference faster with the same arithmetic up to float rounding:
-batch norm folded into the convolution before it (`fold_batch_norm`), and some
-convolutions run as matrix products (the interceptor, in its own delimited section).
+batch norm folded into the convolution before it (`fold_batch_norm`), and, where the
+backend's convolutions are slow (config.model.matmul_convs, 'auto' = CPU), some
+convolutions run as matrix products by the dispatcher training uses
+(models/conv_dispatch.py).
 """
 
 from __future__ import annotations
@@ -25,7 +27,6 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
-import flax.linen as nn_linen
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -36,7 +37,7 @@ from fada_jax import models as models_lib
 from fada_jax.constants import DATA_AXIS, make_mesh
 from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
-from fada_jax.models import layers
+from fada_jax.models import conv_dispatch, layers
 from fada_jax.models import variables as variables_lib
 
 
@@ -52,7 +53,9 @@ def fold_batch_norm(feature_extractor_variables: dict, frozen: bool = True) -> d
   the BN variables are rewritten to that shift alone (scale 1, mean 0, var such that
   rsqrt(var + eps) = 1, bias s), so the unchanged network computes the same function up
   to float rounding. Pairs follow the module names (`conv1`/`bn1`,
-  `downsample_conv`/`downsample_bn`).
+  `downsample_conv`/`downsample_bn`). Done on every backend: it runs once on the host
+  and leaves a per-channel shift that every compiler fuses as it fuses BN, one multiply
+  per element fewer.
   """
   epsilon = 0.0 if frozen else layers.BN_EPSILON
   params = jax.tree_util.tree_map(np.asarray, dict(feature_extractor_variables["params"]))
@@ -79,70 +82,6 @@ def fold_batch_norm(feature_extractor_variables: dict, frozen: bool = True) -> d
 
   params, stats = fold(params, stats)
   return {"params": params, "batch_stats": stats}
-
-
-# ----------------------------------------------------------------------------- convs as matrix products
-# The method interceptor `Predictor.logits` installs, and its helpers: this section alone.
-
-# Below this many output channels a conv's own kernels use the machine poorly (the ASPP
-# classifier's 19), and one matrix product over all kernel taps does better.
-_NARROW_CONV_CHANNELS = 64
-
-
-def _conv_padding(module) -> tuple[tuple[int, int], ...] | None:
-  padding = module.padding
-  if padding == "VALID":
-    return ((0, 0), (0, 0))
-  if isinstance(padding, (list, tuple)) and len(padding) == 2 and all(
-      isinstance(p, (list, tuple)) and len(p) == 2 for p in padding):
-    return tuple((int(p[0]), int(p[1])) for p in padding)
-  return None
-
-
-def _pair(value, default: int) -> tuple[int, int]:
-  if value is None:
-    return default, default
-  if isinstance(value, int):
-    return value, value
-  return tuple(int(v) for v in value)
-
-
-def _conv_as_matmul(next_fun, args, kwargs, context):
-  """Method interceptor (inference): some nn.Conv calls as matrix products, the same
-  arithmetic up to float summation order.
-
-  - 1x1 convs (any stride): a strided slice and one matrix product. XLA:CPU lowers
-    convolutions, 1x1 ones included, to a generic path, and matrix products to its tuned
-    GEMM kernels, which run these ~1.5-2x faster.
-  - k x k convs, stride 1, "same" padding, few output channels (the ASPP classifier): one
-    product of the input with all k*k taps side by side, [N, C] x [C, k*k*O], then the
-    tap outputs shifted into place and summed: y[p] = sum_t (x W_t)[p + offset_t].
-  Everything else goes to the module unchanged.
-  """
-  module = context.module
-  if (not isinstance(module, nn_linen.Conv) or context.method_name != "__call__"
-      or kwargs or len(args) != 1 or getattr(args[0], "ndim", 0) != 4
-      or module.feature_group_count != 1 or len(module.kernel_size) != 2
-      or _pair(module.input_dilation, 1) != (1, 1)):
-    return next_fun(*args, **kwargs)
-  x = args[0]
-  kh, kw = module.kernel_size
-  strides = _pair(module.strides, 1)
-  dilation = _pair(module.kernel_dilation, 1)
-  padding = _conv_padding(module)
-  dtype = module.dtype or jnp.float32
-  kernel = module.get_variable("params", "kernel").astype(dtype)
-  if (kh, kw) == (1, 1) and padding == ((0, 0), (0, 0)):
-    y = layers.conv_1x1_as_product(x.astype(dtype), kernel, strides, module.precision)
-  elif (module.features <= _NARROW_CONV_CHANNELS and strides == (1, 1) and kh % 2 and kw % 2
-        and padding == ((dilation[0] * (kh // 2),) * 2, (dilation[1] * (kw // 2),) * 2)):
-    y = layers.conv_narrow_as_product(x.astype(dtype), kernel, padding, dilation,
-                                      module.precision)
-  else:
-    return next_fun(*args, **kwargs)
-  if module.use_bias:
-    y = y + module.get_variable("params", "bias").astype(dtype)
-  return y
 
 
 # ----------------------------------------------------------------------------- the predictor
@@ -181,10 +120,11 @@ class Predictor:
 
   def __init__(self, config, mesh: Mesh | None = None,
                settings: InferenceSettings | None = None, *, fold_batch_norm: bool = True,
-               convs_as_matmuls: bool = True):
+               convs_as_matmuls: bool | None = None):
     self.config = config.copy_and_resolve_references()
     self.fold_batch_norm = fold_batch_norm
-    self.convs_as_matmuls = convs_as_matmuls
+    # None: config.model.matmul_convs ('auto' = on for the CPU backend).
+    self.convs_as_matmuls = conv_dispatch.enabled_for(config, convs_as_matmuls)
     self.num_classes = int(config.model.num_classes)
     if self.num_classes > 255:
       raise UserError(f"config.model.num_classes={self.num_classes}: train-id masks are "
@@ -236,10 +176,7 @@ class Predictor:
     if fe.get("batch_stats"):
       fe_variables["batch_stats"] = fe["batch_stats"]
     classifier_variables = {"params": variables["classifier"]["params"]}
-    if not self.convs_as_matmuls:
-      features = self.models.feature_extractor.apply(fe_variables, images, train=False)
-      return self.models.classifier.apply(classifier_variables, features).astype(jnp.float32)
-    with nn_linen.intercept_methods(_conv_as_matmul):
+    with conv_dispatch.use_matmul_convs(self.convs_as_matmuls):
       features = self.models.feature_extractor.apply(fe_variables, images, train=False)
       logits = self.models.classifier.apply(classifier_variables, features)
     return logits.astype(jnp.float32)
@@ -323,7 +260,8 @@ def predictor_for(config) -> Predictor:
   settings = InferenceSettings.from_config(config)
   model = config.model
   key = (model.arch, int(model.get("width", 64)), int(model.num_classes),
-         bool(model.get("freeze_bn", True)), str(model.get("dtype", "float32")), settings,
+         bool(model.get("freeze_bn", True)), str(model.get("dtype", "float32")),
+         conv_dispatch.enabled_for(config), settings,
          tuple(d.id for d in jax.devices()))
   if key not in _PREDICTORS:
     _PREDICTORS[key] = Predictor(config, settings=settings)

@@ -259,33 +259,3 @@ max_pool.defvjp(_max_pool_fwd, _max_pool_bwd)
 
 def as_float32(x: jax.Array) -> jax.Array:
   return x.astype(jnp.float32)
-
-
-# Convolutions as matrix products: XLA:CPU runs these faster than its own convolutions
-# (used by evaluation and, for weight gradients, by fada_jax.train.fast_conv).
-
-
-def conv_1x1_as_product(x, kernel, strides, precision):
-  """A 1x1 conv (no padding) is a strided slice and one product; autodiff gives dW = x^T g."""
-  if strides != (1, 1):
-    x = x[:, ::strides[0], ::strides[1], :]
-  return jnp.dot(x, kernel.reshape(kernel.shape[-2:]), precision=precision)
-
-
-def conv_narrow_as_product(x, kernel, padding, rhs_dilation, precision):
-  """Stride-1 'same' k x k conv with few outputs: y[p] = sum_t (x W_t)[p + offset_t],
-  one [rows, C] x [C, KH*KW*O] product; its gradients are products of the same shapes."""
-  kh_size, kw_size, channels, features = kernel.shape
-  batch, height, width, _ = x.shape
-  taps = jnp.dot(x, jnp.transpose(kernel, (2, 0, 1, 3)).reshape(
-      channels, kh_size * kw_size * features), precision=precision)
-  taps = taps.reshape(batch, height, width, kh_size, kw_size, features)
-  (pt, pb), (pl, pr) = padding
-  taps = jnp.pad(taps, ((0, 0), (pt, pb), (pl, pr), (0, 0), (0, 0), (0, 0)))
-  out = None
-  for kh in range(kh_size):
-    for kw in range(kw_size):
-      oy, ox = kh * rhs_dilation[0], kw * rhs_dilation[1]
-      tap = taps[:, oy:oy + height, ox:ox + width, kh, kw, :]
-      out = tap if out is None else out + tap
-  return out

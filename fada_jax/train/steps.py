@@ -23,8 +23,9 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import jax
 
 from fada_jax import losses
+from fada_jax.models import conv_dispatch
 from fada_jax.models.layers import resize_bilinear_align_corners
-from fada_jax.train import fast_conv, state as state_lib
+from fada_jax.train import state as state_lib
 
 Batch = Mapping[str, jax.Array]
 Metrics = Dict[str, jax.Array]
@@ -162,19 +163,19 @@ def make_step(config, models, state: state_lib.TrainState,
   """The pure step of `config.stage` with the networks and optimisers bound.
 
   `state` (or its abstract shape) provides the parameter and batch-stat structure the
-  optimisers need (the frozen-BN mask); it is not captured. `matmul_convs` computes
+  optimisers need (the frozen-BN mask); it is not captured. `matmul_convs` runs
   convolutions' weight gradients (and 1x1 / narrow convs outright) as matrix products,
-  see fast_conv.py; the default turns it on for the CPU backend, where it is faster.
+  see models/conv_dispatch.py; None follows config.model.matmul_convs ('auto': on for
+  the CPU backend, where it is faster).
   """
   state_lib.trainable_modules(config.stage)  # validates config.stage
   optimizers = state_lib.make_optimizers(config, state.params, state.batch_stats)
   step = functools.partial(_STEPS[config.stage], models=models, config=config,
                            optimizers=optimizers)
-  if matmul_convs is None:
-    matmul_convs = fast_conv.default_enabled()
+  matmul_convs = conv_dispatch.enabled_for(config, matmul_convs)
 
   def step_fn(state, batch):
-    with fast_conv.use_dot_weight_grads(matmul_convs):
+    with conv_dispatch.use_matmul_convs(matmul_convs):
       return step(state, batch)
 
   return step_fn

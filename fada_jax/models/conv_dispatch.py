@@ -1,0 +1,240 @@
+"""Convolutions as matrix products or as the backend's convolutions: one dispatcher.
+
+XLA:CPU lowers convolutions (1x1 ones included) to a generic path and matrix products to
+its tuned, multi-threaded GEMM. Its convolution kernel gradients are worst: XLA computes
+dW by another convolution in which the batch and spatial axes play the window, an
+[N, H, W, C] x [N, H, W, O] contraction down to a tiny [KH, KW, C, O] output that runs
+with almost no parallelism (for strided or dilated kernels through a naive emitted loop).
+GPUs and TPUs run all of these as cuDNN / XLA convolutions, which beat products built
+from slices and pads there. So the rewrites below are switched by backend, with one
+setting: `config.model.matmul_convs` in {'auto', 'on', 'off'}, 'auto' = on for CPU only.
+
+When on, every flax `nn.Conv` applied inside `use_matmul_convs()` (training and
+evaluation alike) goes through `conv_general_dilated`, and `conv_rule` decides per conv:
+  - 1x1, no padding (any stride): a strided slice and one product; autodiff gives
+    dW = x^T g.
+  - stride 1, 'same' padding, few output channels from many more inputs (the ASPP
+    classifier's K, the discriminator heads): one product with all taps side by side,
+    [rows, C] x [C, KH*KW*O], the tap outputs shifted into place and summed.
+  - otherwise: XLA's convolution forward and input gradient, and the kernel gradient per
+    tap as ordinary products,
+      dW[kh, kw] = sum_{n,i,j} x_pad[n, i*s + kh*d, j*s + kw*d, :]^T g[n, i, j, :].
+    Without differentiation (evaluation) this is XLA's convolution alone.
+Each equals the convolution (and its gradients) up to float summation order.
+"""
+
+import contextlib
+import functools
+from typing import Optional, Union
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from fada_jax.errors import UserError
+
+SETTINGS = ('auto', 'on', 'off')
+
+PRODUCT_1X1 = '1x1 product'
+PRODUCT_TAPS = 'taps product'
+CONV_MATMUL_KERNEL_GRAD = 'convolution, matmul kernel gradient'
+
+# With this few output channels (and at least 4x as many inputs) a k x k conv's own
+# kernels use the machine poorly, and one product with all taps side by side does better,
+# forward and backward. Fewer inputs make the tap product's [rows, KH*KW*O] output larger
+# than the conv's input, where the convolution wins.
+_NARROW_FEATURES = 64
+_NARROW_INPUT_RATIO = 4
+
+_NHWC = ('NHWC', 'HWIO', 'NHWC')
+
+
+def matmul_convs_enabled(setting: Union[str, bool, None] = 'auto',
+                         backend: Optional[str] = None) -> bool:
+  """Whether convolutions run as matrix products: 'on' / True, 'off' / False, or
+  'auto' / None = on for the CPU backend (`backend`, default `jax.default_backend()`)."""
+  if setting is True or setting == 'on':
+    return True
+  if setting is False or setting == 'off':
+    return False
+  if setting is None or setting == 'auto':
+    return (jax.default_backend() if backend is None else backend) == 'cpu'
+  raise UserError(f'matmul_convs={setting!r} is not one of {", ".join(SETTINGS)}')
+
+
+def enabled_for(config, override: Optional[bool] = None) -> bool:
+  """`override` if given, else config.model.matmul_convs (default 'auto'), for the
+  default backend."""
+  if override is not None:
+    return bool(override)
+  return matmul_convs_enabled(config.model.get('matmul_convs', 'auto'))
+
+
+def conv_rule(kernel_shape, strides, padding, rhs_dilation) -> str:
+  """Which form a plain NHWC/HWIO conv takes: PRODUCT_1X1, PRODUCT_TAPS or
+  CONV_MATMUL_KERNEL_GRAD. `padding` is ((top, bottom), (left, right))."""
+  kh_size, kw_size, channels, features = kernel_shape
+  if (kh_size, kw_size) == (1, 1) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)):
+    return PRODUCT_1X1
+  same = all(lo == hi == d * (k // 2) for (lo, hi), d, k in
+             zip(padding, rhs_dilation, (kh_size, kw_size)))
+  if (features <= _NARROW_FEATURES and channels >= _NARROW_INPUT_RATIO * features
+      and tuple(strides) == (1, 1) and same and kh_size % 2 and kw_size % 2):
+    return PRODUCT_TAPS
+  return CONV_MATMUL_KERNEL_GRAD
+
+
+# ----------------------------------------------------------------------------- the three forms
+
+
+def conv_1x1_as_product(x, kernel, strides, precision):
+  """A 1x1 conv (no padding) is a strided slice and one product; autodiff gives dW = x^T g."""
+  if tuple(strides) != (1, 1):
+    x = x[:, ::strides[0], ::strides[1], :]
+  return jnp.dot(x, kernel.reshape(kernel.shape[-2:]), precision=precision)
+
+
+def conv_taps_as_product(x, kernel, padding, rhs_dilation, precision):
+  """Stride-1 'same' k x k conv: y[p] = sum_t (x W_t)[p + offset_t], one
+  [rows, C] x [C, KH*KW*O] product; its gradients are products of the same shapes."""
+  kh_size, kw_size, channels, features = kernel.shape
+  batch, height, width, _ = x.shape
+  taps = jnp.dot(x, jnp.transpose(kernel, (2, 0, 1, 3)).reshape(
+      channels, kh_size * kw_size * features), precision=precision)
+  taps = taps.reshape(batch, height, width, kh_size, kw_size, features)
+  (pt, pb), (pl, pr) = padding
+  taps = jnp.pad(taps, ((0, 0), (pt, pb), (pl, pr), (0, 0), (0, 0), (0, 0)))
+  out = None
+  for kh in range(kh_size):
+    for kw in range(kw_size):
+      oy, ox = kh * rhs_dilation[0], kw * rhs_dilation[1]
+      tap = taps[:, oy:oy + height, ox:ox + width, kh, kw, :]
+      out = tap if out is None else out + tap
+  return out
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3, 4, 5))
+def conv_with_matmul_kernel_grad(x, kernel, strides, padding, rhs_dilation, precision):
+  """XLA's NHWC convolution whose kernel gradient is computed by `_kernel_grad`."""
+  return lax.conv_general_dilated(x, kernel, strides, padding, rhs_dilation=rhs_dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
+
+
+def _conv_fwd(x, kernel, strides, padding, rhs_dilation, precision):
+  return (conv_with_matmul_kernel_grad(x, kernel, strides, padding, rhs_dilation, precision),
+          (x, kernel))
+
+
+def _conv_bwd(strides, padding, rhs_dilation, precision, residuals, grad):
+  x, kernel = residuals
+  _, input_vjp = jax.vjp(
+      lambda inputs: lax.conv_general_dilated(
+          inputs, kernel, strides, padding, rhs_dilation=rhs_dilation,
+          dimension_numbers=_NHWC, precision=precision), x)
+  (grad_x,) = input_vjp(grad)
+  return grad_x, _kernel_grad(x, grad, kernel.shape, strides, padding, rhs_dilation,
+                              precision).astype(kernel.dtype)
+
+
+conv_with_matmul_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
+
+
+def _kernel_grad(x, grad, kernel_shape, strides, padding, rhs_dilation, precision):
+  """dW by matrix products, in whichever of two layouts copies less data.
+
+  Stride 1 with fewer output than input channels: the gradient shifted once per tap and
+  stacked, G = [rows, KH*KW*O], and one product x^T G. Otherwise one product per tap,
+  g^T x_tap, over the tap's strided window of the padded input.
+  """
+  kh_size, kw_size, channels, features = kernel_shape
+  sh, sw = strides
+  dh, dw = rhs_dilation
+  (pt, pb), (pl, pr) = padding
+  batch, out_h, out_w, _ = grad.shape
+  if (sh, sw) == (1, 1) and features < channels:
+    # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
+    ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
+    grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))
+    height, width = x.shape[1:3]
+    shifted = [lax.slice(grad_padded, (0, ah + pt - kh * dh, aw + pl - kw * dw, 0),
+                         (batch, ah + pt - kh * dh + height, aw + pl - kw * dw + width,
+                          features))
+               for kh in range(kh_size) for kw in range(kw_size)]
+    stacked = jnp.concatenate(shifted, axis=-1).reshape(-1, kh_size * kw_size * features)
+    product = jnp.dot(x.reshape(-1, channels).T, stacked, precision=precision)
+    return product.reshape(channels, kh_size, kw_size, features).transpose(1, 2, 0, 3)
+  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
+  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
+  taps = []
+  for kh in range(kh_size):
+    for kw in range(kw_size):
+      patch = lax.slice(x, (0, kh * dh, kw * dw, 0),
+                        (batch, kh * dh + (out_h - 1) * sh + 1,
+                         kw * dw + (out_w - 1) * sw + 1, channels),
+                        (1, sh, sw, 1))
+      taps.append(lax.dot_general(grad, patch, dims, precision=precision).T)
+  return jnp.stack(taps).reshape(kernel_shape)
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _is_plain_nhwc(dimension_numbers) -> bool:
+  if dimension_numbers is None:
+    return False
+  if isinstance(dimension_numbers, lax.ConvDimensionNumbers):
+    return tuple(dimension_numbers) == ((0, 3, 1, 2), (3, 2, 0, 1), (0, 3, 1, 2))
+  return tuple(dimension_numbers) == _NHWC
+
+
+def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
+                         rhs_dilation=None, dimension_numbers=None, feature_group_count=1,
+                         batch_group_count=1, precision=None, preferred_element_type=None):
+  """`lax.conv_general_dilated` in the form `conv_rule` picks.
+
+  Only plain NHWC/HWIO 2-D convs (explicit or 'VALID' padding, no input dilation, no
+  groups) are rewritten; anything else goes to lax as is.
+  """
+  if padding == 'VALID':
+    padding = ((0, 0), (0, 0))
+  plain = (_is_plain_nhwc(dimension_numbers) and not isinstance(padding, str)
+           and (lhs_dilation is None or all(d == 1 for d in lhs_dilation))
+           and feature_group_count == 1 and batch_group_count == 1
+           and preferred_element_type is None and lhs.ndim == 4)
+  if not plain:
+    return lax.conv_general_dilated(
+        lhs, rhs, window_strides, padding, lhs_dilation=lhs_dilation,
+        rhs_dilation=rhs_dilation, dimension_numbers=dimension_numbers,
+        feature_group_count=feature_group_count, batch_group_count=batch_group_count,
+        precision=precision, preferred_element_type=preferred_element_type)
+  strides = tuple(int(s) for s in window_strides)
+  dilation = tuple(int(d) for d in (rhs_dilation or (1, 1)))
+  pads = tuple((int(lo), int(hi)) for lo, hi in padding)
+  rule = conv_rule(rhs.shape, strides, pads, dilation)
+  if rule == PRODUCT_1X1:
+    return conv_1x1_as_product(lhs, rhs, strides, precision)
+  if rule == PRODUCT_TAPS:
+    return conv_taps_as_product(lhs, rhs, pads, dilation, precision)
+  return conv_with_matmul_kernel_grad(lhs, rhs, strides, pads, dilation, precision)
+
+
+def _interceptor(next_fun, args, kwargs, context):
+  module = context.module
+  if (context.method_name != '__call__' or type(module) is not nn.Conv
+      or module.conv_general_dilated is not None or module.is_initializing()
+      or not module.has_variable('params', 'kernel')):
+    return next_fun(*args, **kwargs)
+  replacement = module.clone(parent=None, conv_general_dilated=conv_general_dilated)
+  return replacement.apply({'params': module.variables['params']}, *args, **kwargs)
+
+
+@contextlib.contextmanager
+def use_matmul_convs(enabled: bool = True):
+  """Every flax `nn.Conv` applied inside the context goes through `conv_general_dilated`
+  (the networks are untouched); `enabled=False` leaves them to XLA's convolutions."""
+  if not enabled:
+    yield
+    return
+  with nn.intercept_methods(_interceptor):
+    yield
