@@ -3,12 +3,18 @@
   python tools/benchmark.py --mode=eval --arch=resnet101 --batch=1 --size=1024x512 --steps=3 --json
   python tools/benchmark.py --mode=eval --backend=torch ...   (the same network in PyTorch)
   python tools/benchmark.py --mode=data --dataset=gta5 --data_root=/data --workers=4 --batch=8 --steps=20 --json
+  python tools/benchmark.py --mode=data --dataset=synthetic_source --workers=2 --steps-per-second=6 --json
 
 `--mode=eval` times jit-compiled single-scale inference: a batch of WxH images -> logits
 upsampled (align corners) to 2Wx2H (Cityscapes' label size for the 1024x512 test size)
 -> argmax, after a warm-up step, and prints the median step time, images/s and the FLOPs
 of a step from XLA's cost analysis of the compiled function. Weights are random: speed
-does not depend on their values (no weights download needed).
+does not depend on their values (no weights download needed). Images are uint8, as the
+data pipeline feeds them: the timed step includes the normalisation on the device.
+
+`--mode=data --steps-per-second=R` says whether the input path keeps up with a training
+step rate R: the batches/s it produced over the timed steps and `sustains` (true when
+that is at least R).
 
 Modes register themselves with `register_mode(name, add_arguments, run)`: `run(args)`
 returns the dict printed as one JSON line with --json.
@@ -117,8 +123,8 @@ def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
   if args.batch % predictor.num_devices:
     raise SystemExit(f"--batch={args.batch} must be a multiple of the {predictor.num_devices} "
                      "devices")
-  images = np.random.default_rng(0).standard_normal((args.batch, height, width, 3),
-                                                    dtype=np.float32)
+  images = np.random.default_rng(0).integers(0, 256, (args.batch, height, width, 3),
+                                             dtype=np.uint8)
   images = predictor.global_batch(images)
   out_hw = (2 * height, 2 * width)
   start = time.perf_counter()
@@ -134,6 +140,14 @@ def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
           "step_seconds": [round(t, 4) for t in times]}
 
 
+def _torch_normalize(pixels):
+  """uint8 NHWC -> ImageNet-normalised float32 NCHW, as the JAX side does on its device."""
+  import torch  # pylint: disable=g-import-not-at-top
+  mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+  std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+  return ((pixels.permute(0, 3, 1, 2).float() / 255.0 - mean) / std).contiguous()
+
+
 def _eval_torch(args: argparse.Namespace) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
   sys.path.insert(0, _TOOLS)
@@ -143,17 +157,22 @@ def _eval_torch(args: argparse.Namespace) -> dict[str, Any]:
   model = torch_reference.DeepLabResNet(depth, args.num_classes, args.width).eval()
   torch_reference.randomize_batch_norm(model)
   width, height = args.size
-  images = torch.randn(args.batch, 3, height, width)
+  pixels = torch.randint(0, 256, (args.batch, height, width, 3), dtype=torch.uint8)
+  memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
   if args.channels_last:
     model = model.to(memory_format=torch.channels_last)
-    images = images.contiguous(memory_format=torch.channels_last)
   out_hw = (2 * height, 2 * width)
+
+  def segment():
+    images = _torch_normalize(pixels).contiguous(memory_format=memory_format)
+    return torch_reference.segment(model, images, out_hw)
+
   with torch.inference_mode():
     from torch.utils.flop_counter import FlopCounterMode  # pylint: disable=g-import-not-at-top
     counter = FlopCounterMode(display=False)
     with counter:
-      torch_reference.segment(model, images, out_hw)
-    times = time_steps(lambda: torch_reference.segment(model, images, out_hw), args.steps)
+      segment()
+    times = time_steps(segment, args.steps)
   return {"flops_per_step": float(counter.get_total_flops()), "devices": 1,
           "platform": "cpu", "threads": torch.get_num_threads(),
           "channels_last": args.channels_last, "step_seconds": [round(t, 4) for t in times]}
@@ -174,11 +193,21 @@ register_mode("eval", _add_eval_arguments, run_eval)
 # ----------------------------------------------------------------------------- data
 
 
+_DATA_STREAMS = {  # --dataset -> (config task, stream)
+    "gta5": ("g2c", "source"), "cityscapes": ("g2c", "target"),
+    "synthetic_source": ("demo", "source"), "synthetic_target": ("demo", "target"),
+    "synthetic": ("demo", "source"),
+}
+
+
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--dataset", choices=("gta5", "cityscapes", "synthetic"), default="gta5",
+  parser.add_argument("--dataset", choices=tuple(_DATA_STREAMS), default="gta5",
                       help="gta5: the stage-2 source path (1280x720, colour jitter); "
-                      "cityscapes: the stage-2 target path (1024x512); synthetic: the "
-                      "demo's synthetic source")
+                      "cityscapes: the stage-2 target path (1024x512); synthetic_source, "
+                      "synthetic_target (synthetic = synthetic_source): the demo's streams, "
+                      "generated, no data needed")
+  parser.add_argument("--steps-per-second", type=float, default=None,
+                      help="the training step rate to sustain: adds 'sustains'")
   parser.add_argument("--data_root", default="", help="folder holding gta5/, cityscapes/")
   parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
   parser.add_argument("--format", choices=("folder", "array_record"), default="folder")
@@ -187,34 +216,54 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
-  """Images/s of the stage-2 input path: read, decode, resize, jitter, normalise, batch."""
+  """Batches/s of one stage-2 input stream: read, decode, resize, jitter, batch (uint8;
+  normalisation runs on the device). A stage-2 step takes one batch of each stream, and
+  each stream has its own `--workers`."""
   from fada_jax import config_lib
   from fada_jax.data import pipeline
   from fada_jax.errors import UserError
 
-  config = config_lib.make_config("demo" if args.dataset == "synthetic" else "g2c",
-                                  "adversarial")
+  if args.steps_per_second is not None and args.steps_per_second <= 0:
+    raise SystemExit(f"error: --steps-per-second={args.steps_per_second} must be positive")
+  task, stream = _DATA_STREAMS[args.dataset]
+  config = config_lib.make_config(task, "adversarial")
   config.data.root = args.data_root
   config.data.format = args.format
   config.data.workers = args.workers
   config.data.jitter_first = not args.jitter_after_resize
   config.solver.batch_size = 2 * args.batch  # the source stream gets half
+  iterator = None
   try:
-    iterator = (pipeline.target_loader if args.dataset == "cityscapes"
-                else pipeline.source_loader)(config)
-    next(iterator)  # worker start-up, label-info table, first batch
-    times = time_steps(lambda: next(iterator), args.steps, warmup=0)
+    iterator = (pipeline.source_loader if stream == "source"
+                else pipeline.target_loader)(config)
+    first = next(iterator)  # worker start-up, label-info table, first batch
+    # Batches grain read ahead while the workers started would come for free: drain its
+    # buffers (2 per worker, 2 without) first, so the timed steps run at production rate.
+    buffered = 2 * max(args.workers, 1)
+    times = time_steps(lambda: next(iterator), args.steps, warmup=buffered)
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
-  iterator.close()
+  finally:
+    if iterator is not None:
+      iterator.close()
   median = statistics.median(times)
-  return {"mode": "data", "dataset": args.dataset, "format": args.format,
-          "workers": args.workers, "batch": args.batch,
-          "jitter_first": bool(config.data.jitter_first),
-          "step_seconds_median": round(median, 4),
-          "images_per_second": round(args.batch / median, 3),
-          "images_per_second_per_worker": round(args.batch / median / max(args.workers, 1), 3)}
+  batches_per_second = len(times) / sum(times)
+  result = {"mode": "data", "dataset": args.dataset, "format": args.format,
+            "workers": args.workers, "batch": args.batch,
+            "jitter_first": bool(config.data.jitter_first),
+            "image_shape": list(first["image"].shape),
+            "image_dtype": str(first["image"].dtype),
+            "bytes_per_batch": int(sum(v.nbytes for v in first.values())),
+            "step_seconds_median": round(median, 4),
+            "batches_per_second": round(batches_per_second, 3),
+            "images_per_second": round(args.batch * batches_per_second, 3),
+            "images_per_second_per_worker": round(
+                args.batch * batches_per_second / max(args.workers, 1), 3)}
+  if args.steps_per_second is not None:
+    result["steps_per_second"] = args.steps_per_second
+    result["sustains"] = batches_per_second >= args.steps_per_second
+  return result
 
 
 register_mode("data", _add_data_arguments, run_data)
@@ -295,8 +344,8 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
                            mesh, shardings)
   shapes = _train_batch_shapes(args)
   batch_sharding = parallel.batch_sharding(mesh)
-  abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.uint8 if "label" in k else jnp.float32,
-                                            sharding=batch_sharding)
+  # Images and labels are uint8, as the data pipeline feeds them (normalised in the step).
+  abstract_batch = {k: jax.ShapeDtypeStruct(s, jnp.uint8, sharding=batch_sharding)
                     for k, s in shapes.items()}
   abstract_state = jax.tree_util.tree_map(
       lambda leaf, sharding: jax.ShapeDtypeStruct(leaf.shape, leaf.dtype, sharding=sharding),
@@ -336,7 +385,7 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
       labels[rng.random(shape) < 0.1] = 255
       local[key] = labels
     else:
-      local[key] = rng.standard_normal(shape, dtype=np.float32)
+      local[key] = rng.integers(0, 256, shape, dtype=np.uint8)
   batch = parallel.shard_batch(local, mesh)
   holder = {"state": jax.device_put(jax.jit(make_state)(), shardings)}
 
@@ -359,12 +408,12 @@ def _train_torch(args: argparse.Namespace) -> dict[str, Any]:
   trainer = torch_train_step.AdversarialTrainer(int(args.arch[len("resnet"):]),
                                                 args.num_classes, args.width)
   shapes = _train_batch_shapes(args)
-  nchw = lambda s: (s[0], s[3], s[1], s[2])  # noqa: E731
-  source = torch.randn(nchw(shapes["source_image"]))
-  target = torch.randn(nchw(shapes["target_image"]))
+  source = torch.randint(0, 256, shapes["source_image"], dtype=torch.uint8)
+  target = torch.randint(0, 256, shapes["target_image"], dtype=torch.uint8)
   labels = torch.randint(0, args.num_classes, shapes["source_label"])
   labels[torch.rand(shapes["source_label"]) < 0.1] = 255
-  times = time_steps(lambda: trainer.step(source, labels, target), args.steps)
+  times = time_steps(lambda: trainer.step(_torch_normalize(source), labels,
+                                          _torch_normalize(target)), args.steps)
   return {"devices": 1, "platform": "cpu", "threads": torch.get_num_threads(),
           "dtype": "float32", "flops_per_step": None,
           "step_seconds": [round(t, 4) for t in times]}

@@ -9,11 +9,14 @@ exactly once. Batches are therefore identical whatever `config.data.workers` is,
 iterator state is just the next step: `get_state()` -> {'step': s}; `set_state()` restarts
 the grain pipeline there, so a resumed run sees exactly the batches of an uninterrupted one.
 
-Per step a training iterator yields {'image': float32 [B/P, H, W, 3], 'label': uint8
-[B/P, H, W] train ids (255 ignore)}. Stage 'source_only': the source stream gets the whole
-batch; 'adversarial': source and target get half each (as the release); 'self_distill':
-the one labelled stream, the pseudo-labelled target named by config.data.source
-('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole batch, under 'source'.
+Per step a training iterator yields {'image': uint8 RGB [B/P, H, W, 3], 'label': uint8
+[B/P, H, W] train ids (255 ignore)}. Images stay uint8 up to the device, a quarter of
+float32's bytes; the step functions and the Predictor normalise them there
+(`transforms.normalize_on_device`, config.data.normalization). Stage 'source_only': the
+source stream gets the whole batch; 'adversarial': source and target get half each (as
+the release); 'self_distill': the one labelled stream, the pseudo-labelled target named
+by config.data.source ('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole
+batch, under 'source'.
 """
 
 from __future__ import annotations
@@ -131,7 +134,6 @@ class ResizeTransform:
   """
   size: tuple[int, int]
   color_jitter: tuple[float, float, float, float]
-  normalization: str
   jitter_first: bool = True
 
   def __call__(self, example, rng: np.random.Generator):
@@ -142,7 +144,7 @@ class ResizeTransform:
       image = transforms.resize_and_jitter(example["image"], self.size, self.color_jitter,
                                            rng)
     label = transforms.resize_label(example["label"], self.size)
-    return transforms.normalize(image, self.normalization), label
+    return image, label
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,7 +154,6 @@ class ScaleCropTransform:
   scale_range: tuple[float, float]
   flip: bool
   color_jitter: tuple[float, float, float, float]
-  normalization: str
   jitter_first: bool = True
 
   def __call__(self, example, rng: np.random.Generator):
@@ -171,8 +172,9 @@ class ScaleCropTransform:
       if self.flip:
         image, label = transforms.random_flip(image, label, rng)
       image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
-    image = np.ascontiguousarray(image)
-    return transforms.normalize(image, self.normalization), np.ascontiguousarray(label)
+    # Crop padding is uint8 0 here, normalised on the device like every other pixel, as
+    # the release pads the image before normalising it.
+    return np.ascontiguousarray(image), np.ascontiguousarray(label)
 
 
 class BatchMaker:
@@ -333,19 +335,18 @@ def _class_presence(source, num_classes: int) -> np.ndarray:
 def _make_stream(config, stream: str, global_batch: int, process_index: int,
                  process_count: int) -> BatchMaker:
   source = _training_source(config, stream)
-  normalization = config.data.normalization
   stream_id = SOURCE_STREAM if stream == "source" else TARGET_STREAM
   if config.stage == "self_distill":
     transform = ScaleCropTransform(
         tuple(int(v) for v in config.data.crop_size),
         tuple(float(v) for v in config.data.scale_range), bool(config.data.flip),
-        _jitter(config), normalization, _jitter_first(config))
+        _jitter(config), _jitter_first(config))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
   if stream == "source":
     size = tuple(int(v) for v in config.data.source_size)
     jitter = _jitter(config) if config.stage == "adversarial" else (0.0, 0.0, 0.0, 0.0)
-    transform = ResizeTransform(size, jitter, normalization, _jitter_first(config))
+    transform = ResizeTransform(size, jitter, _jitter_first(config))
     total = int(config.solver.max_iter) * global_batch
     presence = _class_presence(source, int(config.model.num_classes))
     order = sampling.class_balanced_order(
@@ -353,7 +354,7 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count, order)
   size = tuple(int(v) for v in config.data.target_size)
-  transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0), normalization)
+  transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0))
   return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                     process_index, process_count)
 
@@ -403,17 +404,16 @@ class EvalBatchMaker:
   process runs the same number of steps and padding never counts in the metrics. Labels
   keep their full resolution; a batch with labels of other sizes than the split's first
   frame is padded with 255 to the largest, and 'label_shape' gives each example's
-  (height, width).
+  (height, width). Images are uint8, normalised on the device by the Predictor.
   """
 
-  def __init__(self, source, size: tuple[int, int], normalization: str, global_batch: int,
+  def __init__(self, source, size: tuple[int, int], global_batch: int,
                process_index: int, process_count: int):
     if global_batch % process_count:
       raise UserError(f"eval batch size {global_batch} is not divisible by the "
                       f"{process_count} JAX processes")
     self.source = source
     self.size = tuple(int(v) for v in size)
-    self.normalization = normalization
     self.global_batch = int(global_batch)
     self.local_batch = self.global_batch // process_count
     self.offset = process_index * self.local_batch
@@ -432,8 +432,7 @@ class EvalBatchMaker:
       position = int(step) * self.global_batch + self.offset + j
       if position < len(self.source):
         example = self.source[position]
-        image = transforms.resize_image(example["image"], self.size)
-        images.append(transforms.normalize(image, self.normalization))
+        images.append(transforms.resize_image(example["image"], self.size))
         labels.append(np.asarray(example["label"], np.uint8))
         names.append(example["name"])
         valid.append(True)
@@ -445,7 +444,7 @@ class EvalBatchMaker:
     shapes = [l.shape for l in labels if l is not None] + [self.default_label_shape]
     label_height = max(s[0] for s in shapes)
     label_width = max(s[1] for s in shapes)
-    image_batch = np.zeros((self.local_batch, height, width, 3), np.float32)
+    image_batch = np.zeros((self.local_batch, height, width, 3), np.uint8)
     label_batch = np.full((self.local_batch, label_height, label_width), IGNORE_LABEL,
                           np.uint8)
     label_shape = np.zeros((self.local_batch, 2), np.int32)
@@ -473,8 +472,7 @@ def eval_loader(config, split: str | None = None, process_index: int = 0,
     name = name[:-len("_pseudo")]
   source = open_source(config, name, split)
   maker = EvalBatchMaker(source, tuple(size or config.data.test_size),
-                         config.data.normalization, int(config.eval.batch_size),
-                         process_index, process_count)
+                         int(config.eval.batch_size), process_index, process_count)
   return BatchIterator(maker, 0, int(_data_field(config, "workers", 0) or 0),
                        num_steps=maker.num_steps())
 

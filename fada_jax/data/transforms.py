@@ -215,27 +215,66 @@ def resize_and_jitter(image: np.ndarray, size: Sequence[int], strengths: Sequenc
 
 
 # ----------------------------------------------------------------------------- normalise
+# Batches cross to the device as uint8 (a quarter of float32's bytes); the step functions
+# and the Predictor normalise on the device with `normalize_on_device`. `normalize` is the
+# same map on the host, the reference the device version is tested against.
+
+NORMALIZATIONS = ("imagenet", "caffe")
+
+
+def normalization_mode(config) -> str:
+  """The network's input normalisation, config.data.normalization: 'imagenet' (ResNet) or
+  'caffe' (VGG-16). The one place that reads it."""
+  mode = str(config.data.normalization)
+  if mode not in NORMALIZATIONS:
+    from fada_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+    raise UserError(f"config.data.normalization={mode!r} is not one of "
+                    f"{', '.join(NORMALIZATIONS)}")
+  return mode
+
+
+def _affine(mode: str) -> tuple[np.ndarray, np.ndarray, bool]:
+  """(per-channel scale, per-channel offset, swap RGB to BGR first) of a mode, float32."""
+  if mode == "imagenet":
+    return 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD, False
+  if mode == "caffe":
+    return np.ones(3, np.float32), -CAFFE_BGR_MEAN, True
+  raise ValueError(f"unknown normalization {mode!r}; expected 'imagenet' or 'caffe'")
 
 
 def normalize(image: np.ndarray, mode: str) -> np.ndarray:
-  """uint8 RGB -> float32 network input.
+  """uint8 RGB -> float32 network input, on the host.
 
   'imagenet': RGB / 255, minus mean, over std (ResNet). 'caffe': BGR in 0..255 minus the
   Caffe channel means (VGG-16).
   """
   height, width = image.shape[:2]
-  if mode == "imagenet":
-    scale, offset = 1.0 / (255.0 * IMAGENET_STD), -IMAGENET_MEAN / IMAGENET_STD
-    source = image
-  elif mode == "caffe":
-    scale, offset = np.ones(3, np.float32), -CAFFE_BGR_MEAN
+  scale, offset, bgr = _affine(mode)
+  source = image
+  if bgr:
     # PIL swaps channels in C; a numpy [..., ::-1] copy runs length-3 strided loops.
     source = np.asarray(Image.merge("RGB", Image.fromarray(image).split()[::-1]))
-  else:
-    raise ValueError(f"unknown normalization {mode!r}; expected 'imagenet' or 'caffe'")
   # Per-channel constants repeated along a whole row: numpy then runs long contiguous
   # inner loops instead of length-3 ones (several times faster).
   out = np.array(source, dtype=np.float32, order="C").reshape(height, width * 3)
   out *= np.tile(scale.astype(np.float32), width)
   out += np.tile(offset.astype(np.float32), width)
   return out.reshape(height, width, 3)
+
+
+def normalize_on_device(images, mode: str, dtype=None):
+  """uint8 RGB [..., 3] -> network input, traced (jit) on the device: `normalize`'s map.
+
+  Computed in float32 with `normalize`'s constants, then cast to `dtype` (the network's
+  compute dtype; default float32). Floating-point `images` are taken as network input
+  already (parity tests feed normalised floats) and only cast.
+  """
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top  (grain workers need no jax)
+  dtype = jnp.float32 if dtype is None else jnp.dtype(dtype)
+  if images.dtype != jnp.uint8:
+    return images.astype(dtype)
+  scale, offset, bgr = _affine(mode)
+  x = images.astype(jnp.float32)
+  if bgr:
+    x = x[..., ::-1]
+  return (x * jnp.asarray(scale, jnp.float32) + jnp.asarray(offset, jnp.float32)).astype(dtype)

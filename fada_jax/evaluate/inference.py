@@ -1,7 +1,7 @@
 """Inference: the jit-compiled `Predictor`, its settings, and its variable transforms.
 
 What the release computes (`test.py`): the image is resized to the test size (bicubic, in
-the eval loader), the logits are upsampled with align_corners=True to the full label
+the eval loader), normalised (here on the device, the first op of `scores`), the logits are upsampled with align_corners=True to the full label
 resolution, the prediction is their argmax.
 
 Optional inference modes, in the release's order of operations: flip averages
@@ -35,6 +35,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fada_jax import models as models_lib
 from fada_jax.constants import DATA_AXIS, make_mesh
+from fada_jax.data import transforms
 from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
 from fada_jax.models import conv_dispatch, layers
@@ -114,8 +115,9 @@ class Predictor:
 
   `predict(variables, images, out_hw)` -> uint8 [B, out_h, out_w] train ids;
   `eval_step(variables, images, labels, valid)` -> ([3, K] counts, number of valid
-  examples, predictions). Images are normalised float32 NHWC; variables are those of
-  `place_variables`.
+  examples, predictions). Images are uint8 RGB NHWC, normalised on the device
+  (config.data.normalization; floating-point images are taken as normalised already);
+  variables are those of `place_variables`.
   """
 
   def __init__(self, config, mesh: Mesh | None = None,
@@ -126,6 +128,7 @@ class Predictor:
     # None: config.model.matmul_convs ('auto' = on for the CPU backend).
     self.convs_as_matmuls = conv_dispatch.enabled_for(config, convs_as_matmuls)
     self.num_classes = int(config.model.num_classes)
+    self.normalization = transforms.normalization_mode(config)
     if self.num_classes > 255:
       raise UserError(f"config.model.num_classes={self.num_classes}: train-id masks are "
                       "8-bit, at most 255 classes")
@@ -186,7 +189,10 @@ class Predictor:
 
     Single scale without flip: the upsampled logits (softmax would not change the
     argmax). Otherwise the release's average of softmax probabilities at label size.
+    uint8 images are normalised first (float32), so that multi-scale resizes the
+    normalised image, as the release does.
     """
+    images = transforms.normalize_on_device(images, self.normalization)
     settings = self.settings
     if settings.single:
       return layers.resize_bilinear_align_corners(self.logits(variables, images), out_hw)
@@ -219,11 +225,13 @@ class Predictor:
     return counts, num_valid, predictions
 
   def predict(self, variables, images: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
-    """uint8 [B, out_h, out_w] train ids of this process's normalised `images`
-    (any B: padded to a multiple of the local devices and cropped back)."""
-    images = np.asarray(images, np.float32)
+    """uint8 [B, out_h, out_w] train ids of this process's `images` (uint8 pixels, or
+    normalised floats) (any B: padded to a multiple of the local devices and cropped back)."""
+    images = np.asarray(images)
+    if images.dtype != np.uint8:
+      images = images.astype(np.float32)
     rows = -(-len(images) // self.local_batch_multiple()) * self.local_batch_multiple()
-    predictions = self._predict(variables, self.global_batch(pad_rows(images, rows, 0.0)),
+    predictions = self._predict(variables, self.global_batch(pad_rows(images, rows, 0)),
                                 out_hw=tuple(int(v) for v in out_hw))
     return self.local_rows(predictions)[:len(images)]
 
@@ -261,7 +269,7 @@ def predictor_for(config) -> Predictor:
   model = config.model
   key = (model.arch, int(model.get("width", 64)), int(model.num_classes),
          bool(model.get("freeze_bn", True)), str(model.get("dtype", "float32")),
-         conv_dispatch.enabled_for(config), settings,
+         conv_dispatch.enabled_for(config), settings, transforms.normalization_mode(config),
          tuple(d.id for d in jax.devices()))
   if key not in _PREDICTORS:
     _PREDICTORS[key] = Predictor(config, settings=settings)

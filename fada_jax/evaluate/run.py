@@ -49,7 +49,7 @@ def _chunks(batch: dict[str, Any], multiple: int) -> Iterable[_Chunk]:
   The logits are upsampled to the label size, so a step needs one label size; the loader
   pads mixed-size labels with 255 to the largest (rare: Cityscapes is all 2048x1024).
   """
-  images = np.asarray(batch["image"], np.float32)
+  images = np.asarray(batch["image"])  # uint8: the Predictor normalises on the device
   labels = np.asarray(batch["label"], np.uint8)
   valid = np.asarray(batch["valid"], bool)
   names = [str(n) for n in batch["name"]]

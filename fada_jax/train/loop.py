@@ -31,6 +31,7 @@ from fada_jax.errors import UserError
 from fada_jax.models import variables as variables_lib
 from fada_jax.train import distributed
 from fada_jax.train import parallel
+from fada_jax.train import prefetch
 from fada_jax.train import state as state_lib
 from fada_jax.train import steps as steps_lib
 
@@ -366,6 +367,10 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
     logger.note(f'resumed from {checkpoints.step_dir(start_step)} (step {start_step})')
   batch_images = int(solver.batch_size)
   pending = _PendingMetrics()
+  # The next batches are read and put on the mesh while a step runs; checkpoints record
+  # the consumed position (batches.get_state()), not the prefetched one.
+  batches = prefetch.Prefetcher(iterator, lambda b: parallel.shard_batch(b, mesh),
+                                depth=2, limit=stop_iter - start_step)
   last_good = latest
   window = []  # (step, metrics) since the last log
   window_start = None
@@ -373,9 +378,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
 
   try:
     for step in range(start_step + 1, stop_iter + 1):
-      local_batch = next(iterator)
-      batch = parallel.shard_batch(local_batch, mesh)
-      state, metrics = step_fn(state, batch)
+      state, metrics = step_fn(state, next(batches))
       pending.add(step, metrics)
       if window_start is None:
         # The first step compiles; time the steady state from the end of it.
@@ -407,7 +410,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
         item_variables, item_train = _host_tree(_checkpoint_items(state))
         if not _all_finite(item_variables):
           raise _NonFiniteLoss(f'the parameters hold NaN or Inf after step {step}')
-        checkpoints.save(step, item_variables, item_train, _gather_data_states(iterator),
+        checkpoints.save(step, item_variables, item_train, _gather_data_states(batches),
                          _checkpoint_meta(config, item_variables))
         last_good = step
         del item_variables, item_train
@@ -418,7 +421,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
                     f'training diverged and stopped; {last}') from None
   finally:
     logger.close()
-    iterator.close()
+    batches.close()  # and the iterator under it
     checkpoints.close()
   return checkpoints.step_dir(stop_iter)
 

@@ -5,7 +5,8 @@ the `*_step` functions yourself); jit it with `fada_jax.train.parallel.jit_step`
 `metrics` holds the release's loss names plus `lr` (and `lr_D` in stage 2), the learning
 rates this update used.
 
-Batches (float32 images already normalised, NHWC; labels integer train ids, 255 ignored):
+Batches (images uint8 RGB NHWC, normalised as the steps' first op on the device, see
+`_network_input`; labels integer train ids, 255 ignored):
   source_only, self_distill: {'image': [B, H, W, 3], 'label': [B, H, W]}
   adversarial:               {'source_image': [B/2, Hs, Ws, 3], 'source_label': [B/2, Hs, Ws],
                               'target_image': [B/2, Ht, Wt, 3]}
@@ -23,6 +24,7 @@ from typing import Callable, Dict, Mapping, Optional, Tuple
 import jax
 
 from fada_jax import losses
+from fada_jax.data import transforms
 from fada_jax.models import conv_dispatch
 from fada_jax.models.layers import resize_bilinear_align_corners
 from fada_jax.train import state as state_lib
@@ -34,6 +36,12 @@ StepFn = Callable[[state_lib.TrainState, Batch], Tuple[state_lib.TrainState, Met
 
 def _bn_trainable(config, batch_stats) -> bool:
   return (not config.model.freeze_bn) and bool(jax.tree_util.tree_leaves(batch_stats))
+
+
+def _network_input(config, images):
+  """uint8 pixels -> config.data.normalization's input, float32 then the compute dtype."""
+  return transforms.normalize_on_device(images, transforms.normalization_mode(config),
+                                        config.model.get('dtype', 'float32'))
 
 
 def _extract_features(models, config, params, batch_stats, images):
@@ -62,7 +70,7 @@ def _learning_rates(config, step) -> Metrics:
 def segmentation_step(state: state_lib.TrainState, batch: Batch, *, models, config,
                       optimizers) -> Tuple[state_lib.TrainState, Metrics]:
   """Stages 1 and 3: cross-entropy (ignore 255) of the logits upsampled to the label size."""
-  images, labels = batch['image'], batch['label']
+  images, labels = _network_input(config, batch['image']), batch['label']
   fe_stats = state.batch_stats['feature_extractor']
 
   def loss_fn(params):
@@ -102,8 +110,9 @@ def adversarial_step(state: state_lib.TrainState, batch: Batch, *, models, confi
   temperature = float(solver.temperature)
   soft_max = float(solver.soft_label_max)
   adv_weight = float(solver.adv_weight)
-  source_images, source_labels = batch['source_image'], batch['source_label']
-  target_images = batch['target_image']
+  source_images = _network_input(config, batch['source_image'])
+  source_labels = batch['source_label']
+  target_images = _network_input(config, batch['target_image'])
   source_hw, target_hw = source_images.shape[1:3], target_images.shape[1:3]
   fe_stats = state.batch_stats['feature_extractor']
 
