@@ -326,9 +326,9 @@ class TrainingCheckpoints:
       reason = _storage_failure(e)
       if reason is None:
         raise
-      # The manager still lists the failed step: the last good one is the step before.
-      earlier = [s for s in self.all_steps() if s < step]
-      last = (f'the last good checkpoint is {self.step_dir(earlier[-1])}' if earlier
+      # orbax may have committed this step before meta.json failed (resume rewrites it).
+      good = [s for s in self.all_steps() if s <= step and is_committed(self.step_dir(s))]
+      last = (f'the last good checkpoint is {self.step_dir(good[-1])}' if good
               else 'no checkpoint was written before')
       raise UserError(f'cannot save step {step} in {self.directory}: {reason}; {last} '
                       '(free space or fix the folder, then rerun the same command to '
@@ -363,6 +363,10 @@ class TrainingCheckpoints:
         passed_over.append((step_dir, 'unfinished', 'unfinished (no commit marker)'))
         continue
       _check_written_by(step_dir, expected)
+      damage = _damaged_arrays(step_dir)
+      if damage:
+        passed_over.append((step_dir, 'unreadable', f'unreadable ({damage})'))
+        continue
       try:
         restored = self._manager.restore(step, args=ocp.args.Composite(
             variables=ocp.args.StandardRestore(variables_target),
@@ -411,6 +415,30 @@ def is_committed(step_dir: pathlib.Path) -> bool:
           or (step_dir / '_CHECKPOINT_METADATA').exists())
 
 
+def _damaged_arrays(step_dir: pathlib.Path) -> str | None:
+  """Why the array items of a step cannot be read back, or None when every byte reads.
+
+  Reads every stored value of each item's OCDBT database in turn. orbax's own restore
+  stops at the first bad read while the other reads are still in flight, whose
+  completions then print 'Event loop is closed' tracebacks; this check fails cleanly.
+  """
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  for item in TRAIN_ITEMS:
+    item_dir = step_dir / item
+    if not (item_dir / '_METADATA').is_file():
+      continue  # a JSON item, or a missing one: orbax's restore names it
+    if not (item_dir / 'manifest.ocdbt').is_file():
+      return f'{item}/manifest.ocdbt is missing'
+    try:
+      store = ts.KvStore.open({'driver': 'ocdbt',
+                               'base': f'file://{item_dir.absolute()}/'}).result()
+      for key in store.list().result():
+        store.read(key).result()
+    except ValueError as e:
+      return f'{item}: {_first_line(e, 200)}'
+  return None
+
+
 def _check_written_by(step_dir: pathlib.Path, expected: dict[str, Any]) -> None:
   """A UserError when the step's meta.json records other values of `expected`'s fields."""
   try:
@@ -449,7 +477,7 @@ def _storage_failure(error: Exception) -> str | None:
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
 # A step's files take a little more than its arrays: orbax's metadata and our meta.json.
-_SAVE_OVERHEAD_BYTES = 1 << 20
+_SAVE_OVERHEAD_BYTES = 64 << 10
 
 
 def _check_free_space(directory: pathlib.Path, step: int, trees: Any, last_good: str) -> None:
@@ -461,8 +489,16 @@ def _check_free_space(directory: pathlib.Path, step: int, trees: Any, last_good:
   free = shutil.disk_usage(probe).free
   if free < needed:
     raise UserError(f'cannot save step {step} in {directory}: it needs about '
-                    f'{needed / 2**20:.0f} MiB and the disk has {free / 2**20:.0f} MiB free; '
+                    f'{_size(needed)} and the disk has {_size(free)} free; '
                     f'{last_good} (free space, then rerun the same command to resume)')
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
+    if num_bytes < 1024 or unit == 'GiB':
+      return f'{num_bytes:.0f} {unit}' if unit == 'bytes' else f'{num_bytes:.1f} {unit}'
+    num_bytes /= 1024
+  return ''  # unreachable
 
 
 @contextlib.contextmanager

@@ -112,7 +112,7 @@ def check_init_checkpoint(config) -> None:
   if not path.exists():
     raise UserError(f'config.init_checkpoint={config.init_checkpoint}: not found '
                     f'({path.absolute()} does not exist); expected a checkpoint folder '
-                    '(tools/convert_weights.py writes one from PyTorch weights)')
+                    '(tools/convert_torch_weights.py writes one from PyTorch weights)')
   import jax  # pylint: disable=g-import-not-at-top
   from fada_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from fada_jax.train import loop  # pylint: disable=g-import-not-at-top
