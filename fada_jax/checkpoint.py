@@ -177,11 +177,11 @@ def _first_line(error: Exception, limit: int = 300) -> str:
   return line if len(line) <= limit else line[:limit - 3] + '...'
 
 
-def _unreadable(variables_dir: pathlib.Path, error: Exception) -> UserError:
-  """One line for a damaged array folder: orbax's first message line, without its spec."""
-  reason = _first_line(error)
+def _unreadable(variables_dir: pathlib.Path, error: Exception | str) -> UserError:
+  """One line for a damaged array folder: the first line of the library's message."""
+  reason = error if isinstance(error, str) else f'{type(error).__name__}: {_first_line(error)}'
   return UserError(f'cannot read model variables in {variables_dir} (damaged or '
-                   f'incomplete?): {type(error).__name__}: {reason}')
+                   f'incomplete?): {reason}')
 
 
 def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
@@ -192,6 +192,9 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   variables_dir = path / VARIABLES_DIR
   if not variables_dir.is_dir():
     raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
   try:
     variables = _restore_tree(variables_dir)
   except DAMAGED_FILE_ERRORS as e:
@@ -250,6 +253,9 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   variables_dir = path / 'variables'
   if not variables_dir.is_dir():
     raise UserError(f'training checkpoint is incomplete (no variables/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
   try:
     # Through the step's composite layout (reads its metadata); the arrays were saved
     # as numpy, so they come back as numpy whatever devices this process has.
@@ -372,7 +378,10 @@ class TrainingCheckpoints:
             variables=ocp.args.StandardRestore(variables_target),
             train=ocp.args.StandardRestore(train_target),
             data=ocp.args.JsonRestore()))
-      except DAMAGED_FILE_ERRORS as e:
+      # With the arrays' bytes checked, what is left of damage: a missing metadata file
+      # (FileNotFoundError), a cut JSON item, a missing item (KeyError). A ValueError
+      # here is a target that does not fit: ours to fix, with its traceback.
+      except (OSError, json.JSONDecodeError, KeyError) as e:
         passed_over.append((step_dir, 'unreadable',
                             f'unreadable ({type(e).__name__}: {_first_line(e, 200)})'))
         continue
@@ -422,20 +431,28 @@ def _damaged_arrays(step_dir: pathlib.Path) -> str | None:
   stops at the first bad read while the other reads are still in flight, whose
   completions then print 'Event loop is closed' tracebacks; this check fails cleanly.
   """
-  import tensorstore as ts  # pylint: disable=g-import-not-at-top
   for item in TRAIN_ITEMS:
     item_dir = step_dir / item
     if not (item_dir / '_METADATA').is_file():
       continue  # a JSON item, or a missing one: orbax's restore names it
-    if not (item_dir / 'manifest.ocdbt').is_file():
-      return f'{item}/manifest.ocdbt is missing'
-    try:
-      store = ts.KvStore.open({'driver': 'ocdbt',
-                               'base': f'file://{item_dir.absolute()}/'}).result()
-      for key in store.list().result():
-        store.read(key).result()
-    except ValueError as e:
-      return f'{item}: {_first_line(e, 200)}'
+    damage = _damaged_tree(item_dir)
+    if damage:
+      return f'{item}/{damage}'
+  return None
+
+
+def _damaged_tree(tree_dir: pathlib.Path) -> str | None:
+  """Why an orbax array tree folder cannot be read back, or None when every byte reads."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  if not (tree_dir / 'manifest.ocdbt').is_file():
+    return 'manifest.ocdbt is missing'
+  try:
+    store = ts.KvStore.open({'driver': 'ocdbt',
+                             'base': f'file://{tree_dir.absolute()}/'}).result()
+    for key in store.list().result():
+      store.read(key).result()
+  except ValueError as e:  # tensorstore's error for every failed read
+    return _first_line(e, 200)
   return None
 
 
