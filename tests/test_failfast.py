@@ -24,7 +24,7 @@ from fada_jax.data import prepared
 from fada_jax.data import synthetic
 from fada_jax.errors import UserError
 from fada_jax.train import preflight
-from tiny_runs import REPO, environment
+from tiny_runs import REPO, checkpoint_arrays, environment, main_command
 
 TINY_FOLDER = {'model.arch': 'resnet18', 'model.width': 4, 'data.source_size': (32, 16),
                'data.target_size': (32, 16), 'data.test_size': (32, 16),
@@ -303,6 +303,33 @@ def test_resume_passes_over_unfinished_and_unreadable_steps(damage, tmp_path, ca
   assert all(path in after for path in files_before)
   err = capfd.readouterr().err
   assert 'Traceback' not in err and 'Event loop is closed' not in err
+
+
+def test_a_run_resumes_from_the_newest_intact_checkpoint(tmp_path, cache_dir):
+  """The newest checkpoint of a run is truncated on disk: the rerun says so, resumes from
+  the one before, and computes the damaged step again, bit for bit."""
+  workdir = tmp_path / 'run'
+  command = main_command('configs/demo.py:source_only', workdir,
+                         {'solver.stop_iter': 4, 'solver.checkpoint_every': 2})
+  run = lambda: subprocess.run(command, cwd=REPO, env=environment(cache_dir),
+                               capture_output=True, text=True, timeout=600)
+  result = run()
+  assert result.returncode == 0, result.stderr[-3000:]
+  step_4 = workdir / 'checkpoints' / '4'
+  expected = checkpoint_arrays(step_4)
+  _truncate_arrays(step_4)
+
+  result = run()
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert f'checkpoint {step_4} is unreadable (' in output
+  assert f'passed over and kept as {step_4}.unreadable' in output
+  assert f'resumed from {workdir}/checkpoints/2 (step 2)' in output
+  assert 'Traceback' not in output and 'Event loop is closed' not in output
+  actual = checkpoint_arrays(step_4)
+  assert expected.keys() == actual.keys()
+  assert all(np.array_equal(expected[k], actual[k]) for k in expected)
+  assert (workdir / 'checkpoints' / '4.unreadable' / 'train').is_dir()
 
 
 def test_no_readable_step_is_one_line_naming_each(tmp_path):
