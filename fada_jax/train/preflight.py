@@ -117,8 +117,13 @@ def check_init_checkpoint(config) -> None:
   from fada_jax import models as models_lib  # pylint: disable=g-import-not-at-top
   from fada_jax.train import loop  # pylint: disable=g-import-not-at-top
   models = models_lib.build(config)
-  jax.eval_shape(lambda rng: loop.initial_variables(config, models, rng),
-                 jax.random.PRNGKey(0))
+  try:
+    jax.eval_shape(lambda rng: loop.initial_variables(config, models, rng),
+                   jax.random.PRNGKey(0))
+  except UserError as e:
+    if str(e).startswith('config.init_checkpoint='):
+      raise
+    raise UserError(f'config.init_checkpoint={config.init_checkpoint}: {e}') from None
 
 
 def check_batch_split(config) -> None:
