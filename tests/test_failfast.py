@@ -156,7 +156,8 @@ def test_pipeline_checks_the_val_split_of_every_stage_first(data_root, tmp_path)
 
 def test_eval_and_pseudo_label_inputs(data_root, tmp_path):
   config = _config(**{'data.root': str(_without_val(data_root, tmp_path))})
-  with pytest.raises(UserError, match=rf'--checkpoint={tmp_path}/nothing: not found'):
+  with pytest.raises(UserError, match=rf'checkpoint not found: {tmp_path}/nothing '
+                                      rf'\(--checkpoint={tmp_path}/nothing\)'):
     preflight.check_eval(config, tmp_path / 'nothing', tmp_path / 'eval')
   (tmp_path / 'ckpt').mkdir()
   with pytest.raises(UserError, match=r'leftImg8bit/val does not exist'):

@@ -134,11 +134,12 @@ def check_batch_split(config) -> None:
 
 def check_checkpoint_path(path: str | os.PathLike, what: str) -> None:
   """`path` is a checkpoint folder, or a folder of checkpoint folders (eval)."""
+  given = path
   path = pathlib.Path(path).expanduser()
   if not path.exists():
-    raise UserError(f'{what}={path}: not found ({path.absolute()} does not exist)')
+    raise UserError(f'checkpoint not found: {path.absolute()} ({what}={given})')
   if not path.is_dir():
-    raise UserError(f'{what}={path} is a file; expected a checkpoint folder')
+    raise UserError(f'{what}={given} is a file; expected a checkpoint folder')
 
 
 # ---------------------------------------------------------------------------------------
