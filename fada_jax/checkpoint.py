@@ -15,7 +15,11 @@ on-disk layouts that hold model variables (the training state written during tra
 can be read by the same call.
 """
 
+import contextlib
+import dataclasses
+import errno
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -160,13 +164,24 @@ def save_model(path: str | os.PathLike, variables: Variables, meta: Meta,
   return path
 
 
-def _unreadable(variables_dir: pathlib.Path, error: Exception) -> UserError:
-  """One line for a damaged array folder: orbax's first message line, without its spec."""
-  reason = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
-  if len(reason) > 300:
-    reason = reason[:297] + '...'
+# What orbax and tensorstore raise for damaged or missing files: tensorstore's errors
+# (truncated data, a missing manifest) are ValueErrors, a missing metadata file is a
+# FileNotFoundError, a cut JSON item a JSONDecodeError (a ValueError), a missing item a
+# KeyError. Anything else is a fault of ours and keeps its traceback.
+DAMAGED_FILE_ERRORS = (OSError, ValueError, KeyError)
+
+
+def _first_line(error: Exception, limit: int = 300) -> str:
+  """A library error's first line, without tensorstore's spec dump."""
+  line = (str(error).strip().splitlines() or [''])[0].split(' [tensorstore_spec=')[0]
+  return line if len(line) <= limit else line[:limit - 3] + '...'
+
+
+def _unreadable(variables_dir: pathlib.Path, error: Exception | str) -> UserError:
+  """One line for a damaged array folder: the first line of the library's message."""
+  reason = error if isinstance(error, str) else f'{type(error).__name__}: {_first_line(error)}'
   return UserError(f'cannot read model variables in {variables_dir} (damaged or '
-                   f'incomplete?): {type(error).__name__}: {reason}')
+                   f'incomplete?): {reason}')
 
 
 def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
@@ -177,9 +192,12 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   variables_dir = path / VARIABLES_DIR
   if not variables_dir.is_dir():
     raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
   try:
     variables = _restore_tree(variables_dir)
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+  except DAMAGED_FILE_ERRORS as e:
     raise _unreadable(variables_dir, e) from None
   if not isinstance(variables, dict) or not variables or set(variables) - set(MODEL_PARTS):
     raise UserError(f'model checkpoint {path} holds unexpected parts '
@@ -235,13 +253,16 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   variables_dir = path / 'variables'
   if not variables_dir.is_dir():
     raise UserError(f'training checkpoint is incomplete (no variables/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
   try:
     # Through the step's composite layout (reads its metadata); the arrays were saved
     # as numpy, so they come back as numpy whatever devices this process has.
     with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as checkpointer:
       variables = checkpointer.restore(path.absolute(), args=ocp.args.Composite(
           variables=ocp.args.StandardRestore()))['variables']
-  except Exception as e:  # orbax/tensorstore raise many types for damaged files
+  except DAMAGED_FILE_ERRORS as e:
     raise _unreadable(variables_dir, e) from None
   return variables, meta
 
@@ -249,11 +270,20 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
 register_model_loader(TRAIN_FORMAT, _load_train_format)
 
 
+@dataclasses.dataclass
+class Resumed:
+  """The step `TrainingCheckpoints.restore_newest` read."""
+  step: int
+  variables: Any
+  train: Any
+  data: dict
+
+
 class TrainingCheckpoints:
   """The training checkpoints of one run, under DIR/checkpoints (see above).
 
-  Every process of a multi-host run creates one and calls `save`/`restore` together.
-  Saving is synchronous: when `save` returns, the step is on disk and complete.
+  Every process of a multi-host run creates one and calls `save`/`restore_newest`
+  together. Saving is synchronous: when `save` returns, the step is on disk and complete.
   """
 
   def __init__(self, directory: str | os.PathLike, keep: int):
@@ -273,21 +303,42 @@ class TrainingCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
+  def _last_good(self) -> str:
+    latest = self.latest_step()
+    return (f'the last good checkpoint is {self.step_dir(latest)}' if latest is not None
+            else 'no checkpoint was written before')
+
   def save(self, step: int, variables: Variables, train: Any, data: dict,
            meta: Meta) -> pathlib.Path:
     """Writes step `step`: model variables, the rest of the train state and the data state.
 
     Arrays are saved as host numpy copies (`_to_numpy_tree`): orbax then writes each
     once, from process 0, and the files restore on any device topology. The train state
-    is replicated, so every process holds the same copy.
+    is replicated, so every process holds the same copy. A full disk or a folder that
+    became unwritable is a UserError naming the last good checkpoint, which stays.
     """
     step = int(step)
-    self._manager.save(step, args=ocp.args.Composite(
-        variables=ocp.args.StandardSave(_to_numpy_tree(variables)),
-        train=ocp.args.StandardSave(_to_numpy_tree(train)),
-        data=ocp.args.JsonSave(data)), force=True)
-    self._manager.wait_until_finished()
-    self.write_meta(step, meta)
+    variables, train = _to_numpy_tree(variables), _to_numpy_tree(train)
+    _check_free_space(self.directory, step, (variables, train), self._last_good())
+    try:
+      with _quiet_orbax_threads():
+        self._manager.save(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardSave(variables),
+            train=ocp.args.StandardSave(train),
+            data=ocp.args.JsonSave(data)), force=True)
+        self._manager.wait_until_finished()
+      self.write_meta(step, meta)
+    except (OSError, ValueError) as e:
+      reason = _storage_failure(e)
+      if reason is None:
+        raise
+      # orbax may have committed this step before meta.json failed (resume rewrites it).
+      good = [s for s in self.all_steps() if s <= step and is_committed(self.step_dir(s))]
+      last = (f'the last good checkpoint is {self.step_dir(good[-1])}' if good
+              else 'no checkpoint was written before')
+      raise UserError(f'cannot save step {step} in {self.directory}: {reason}; {last} '
+                      '(free space or fix the folder, then rerun the same command to '
+                      'resume)') from None
     return self.step_dir(step)
 
   def write_meta(self, step: int, meta: Meta) -> None:
@@ -298,26 +349,193 @@ class TrainingCheckpoints:
                 parts=sorted(MODEL_PARTS), step=int(step))
     write_json_atomic(self.step_dir(step) / META_FILE, meta)
 
-  def restore(self, step: int, variables_target: Any, train_target: Any) -> tuple[Any, Any, dict]:
-    """Reads step `step` as numpy trees shaped like the targets (trees of numpy arrays).
+  def restore_newest(self, variables_target: Any, train_target: Any,
+                     expected: dict[str, Any]) -> tuple[Resumed | None, list[str]]:
+    """The newest step that reads back, as numpy trees shaped like the targets, and one
+    line for each newer step folder passed over on the way.
 
-    The caller places the arrays on its mesh; a checkpoint therefore resumes on any
-    number of devices.
+    A step folder without orbax's commit marker (a save that was killed) and a committed
+    step whose files cannot be read are passed over, newest first, and renamed to
+    `<step>.unfinished` / `<step>.unreadable` (nothing is deleted) so that this run can
+    write its steps again. `expected` maps dotted config fields ('model.arch', ...) to
+    this run's values: a step written with other values is a UserError, not damage.
+    None when no step was ever finished (the run starts afresh); a UserError when
+    finished steps exist and none of them can be read.
     """
-    try:
-      restored = self._manager.restore(int(step), args=ocp.args.Composite(
-          variables=ocp.args.StandardRestore(variables_target),
-          train=ocp.args.StandardRestore(train_target),
-          data=ocp.args.JsonRestore()))
-    except Exception as e:  # a damaged checkpoint, or one of another network/stage
-      first_line = (str(e).strip().splitlines() or [''])[0]
-      raise UserError(f'cannot resume from {self.step_dir(step)} (written by another '
-                      f'config, or damaged; move it away to start afresh): '
-                      f'{type(e).__name__}: {first_line[:300]}') from None
-    return restored['variables'], restored['train'], restored['data']
+    passed_over: list[tuple[pathlib.Path, str, str]] = []  # (folder, suffix, reason)
+    for step in sorted(self._manager.all_steps(), reverse=True):
+      step_dir = self.step_dir(step)
+      if not is_committed(step_dir):
+        passed_over.append((step_dir, 'unfinished', 'unfinished (no commit marker)'))
+        continue
+      _check_written_by(step_dir, expected)
+      damage = _damaged_arrays(step_dir)
+      if damage:
+        passed_over.append((step_dir, 'unreadable', f'unreadable ({damage})'))
+        continue
+      try:
+        restored = self._manager.restore(step, args=ocp.args.Composite(
+            variables=ocp.args.StandardRestore(variables_target),
+            train=ocp.args.StandardRestore(train_target),
+            data=ocp.args.JsonRestore()))
+      # With the arrays' bytes checked, what is left of damage: a missing metadata file
+      # (FileNotFoundError), a cut JSON item, a missing item (KeyError). A ValueError
+      # here is a target that does not fit: ours to fix, with its traceback.
+      except (OSError, json.JSONDecodeError, KeyError) as e:
+        passed_over.append((step_dir, 'unreadable',
+                            f'unreadable ({type(e).__name__}: {_first_line(e, 200)})'))
+        continue
+      notes = self._set_aside(passed_over)
+      return Resumed(step, restored['variables'], restored['train'], restored['data']), notes
+    if any(suffix == 'unreadable' for _, suffix, _ in passed_over):
+      listed = '; '.join(f'{folder}: {reason}' for folder, _, reason in passed_over)
+      raise UserError(f'no checkpoint in {self.directory} can be read ({listed}); '
+                      'use a new --workdir, or move these folders away to start afresh')
+    return None, self._set_aside(passed_over)
+
+  def _set_aside(self, passed_over: list[tuple[pathlib.Path, str, str]]) -> list[str]:
+    notes = []
+    moves = []
+    for folder, suffix, reason in passed_over:
+      target = folder.with_name(f'{folder.name}.{suffix}')
+      number = 1
+      while target.exists():
+        number += 1
+        target = folder.with_name(f'{folder.name}.{suffix}-{number}')
+      moves.append((folder, target))
+      notes.append(f'checkpoint {folder} is {reason}: passed over and kept as {target}')
+    if moves:
+      if jax.process_index() == 0:
+        for folder, target in moves:
+          os.rename(folder, target)
+      if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+        multihost_utils.sync_global_devices('fada_checkpoints_set_aside')
+      self._manager.reload()
+    return notes
 
   def close(self) -> None:
     self._manager.close()
+
+
+def is_committed(step_dir: pathlib.Path) -> bool:
+  """Whether orbax finished writing the step (its commit marker or metadata file is there)."""
+  return ((step_dir / 'commit_success.txt').exists()
+          or (step_dir / '_CHECKPOINT_METADATA').exists())
+
+
+def _damaged_arrays(step_dir: pathlib.Path) -> str | None:
+  """Why the array items of a step cannot be read back, or None when every byte reads.
+
+  Reads every stored value of each item's OCDBT database in turn. orbax's own restore
+  stops at the first bad read while the other reads are still in flight, whose
+  completions then print 'Event loop is closed' tracebacks; this check fails cleanly.
+  """
+  for item in TRAIN_ITEMS:
+    item_dir = step_dir / item
+    if not (item_dir / '_METADATA').is_file():
+      continue  # a JSON item, or a missing one: orbax's restore names it
+    damage = _damaged_tree(item_dir)
+    if damage:
+      return f'{item}/{damage}'
+  return None
+
+
+def _damaged_tree(tree_dir: pathlib.Path) -> str | None:
+  """Why an orbax array tree folder cannot be read back, or None when every byte reads."""
+  import tensorstore as ts  # pylint: disable=g-import-not-at-top
+  if not (tree_dir / 'manifest.ocdbt').is_file():
+    return 'manifest.ocdbt is missing'
+  try:
+    store = ts.KvStore.open({'driver': 'ocdbt',
+                             'base': f'file://{tree_dir.absolute()}/'}).result()
+    for key in store.list().result():
+      store.read(key).result()
+  except ValueError as e:  # tensorstore's error for every failed read
+    return _first_line(e, 200)
+  return None
+
+
+def _check_written_by(step_dir: pathlib.Path, expected: dict[str, Any]) -> None:
+  """A UserError when the step's meta.json records other values of `expected`'s fields."""
+  try:
+    config = json.loads((step_dir / META_FILE).read_text()).get('config')
+  except (OSError, UnicodeDecodeError, json.JSONDecodeError, AttributeError):
+    return  # no or damaged meta.json: the restore itself decides
+  if not isinstance(config, dict):
+    return
+  for field, value in expected.items():
+    recorded = config
+    for key in field.split('.'):
+      recorded = recorded.get(key) if isinstance(recorded, dict) else None
+    if recorded is None:
+      continue
+    if isinstance(value, (tuple, list)):
+      value, recorded = list(value), list(recorded) if isinstance(recorded, list) else recorded
+    if recorded != value:
+      raise UserError(f'{step_dir} was written with config.{field}={recorded!r}, this run has '
+                      f'{value!r}; use a new --workdir for another configuration')
+
+
+def _storage_failure(error: Exception) -> str | None:
+  """Why a write failed, when the disk or the folder is at fault (else None: our bug)."""
+  if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
+    return os.strerror(error.errno).lower()
+  # tensorstore reports a failed write as a ValueError with a status code in front.
+  message = str(error)
+  if isinstance(error, ValueError) and message.startswith(
+      ('RESOURCE_EXHAUSTED', 'PERMISSION_DENIED')):
+    for code in _STORAGE_ERRNOS:
+      if f"[os_error_code='{code}']" in message:
+        return os.strerror(code).lower()
+    return _first_line(error, 200)
+  return None
+
+
+_STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
+# A step's files take a little more than its arrays: orbax's metadata and our meta.json.
+_SAVE_OVERHEAD_BYTES = 64 << 10
+
+
+def _check_free_space(directory: pathlib.Path, step: int, trees: Any, last_good: str) -> None:
+  needed = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trees))
+  needed += _SAVE_OVERHEAD_BYTES
+  probe = directory
+  while not probe.exists():
+    probe = probe.parent
+  free = shutil.disk_usage(probe).free
+  if free < needed:
+    raise UserError(f'cannot save step {step} in {directory}: it needs about '
+                    f'{_size(needed)} and the disk has {_size(free)} free; '
+                    f'{last_good} (free space, then rerun the same command to resume)')
+
+
+def _size(num_bytes: int) -> str:
+  for unit in ('bytes', 'KiB', 'MiB', 'GiB'):
+    if num_bytes < 1024 or unit == 'GiB':
+      return f'{num_bytes:.0f} {unit}' if unit == 'bytes' else f'{num_bytes:.1f} {unit}'
+    num_bytes /= 1024
+  return ''  # unreachable
+
+
+@contextlib.contextmanager
+def _quiet_orbax_threads():
+  """Drops orbax's log of an exception in its writer threads while saving: the same
+  exception reaches `save`, which reports it in one line (or re-raises it)."""
+  orbax_thread_failure = 'raised an exception'
+
+  def keep(record: logging.LogRecord) -> bool:
+    return not (record.levelno >= logging.ERROR
+                and orbax_thread_failure in str(record.getMessage()))
+
+  loggers = [logging.getLogger('absl'), logging.getLogger()]
+  for logger in loggers:
+    logger.addFilter(keep)
+  try:
+    yield
+  finally:
+    for logger in loggers:
+      logger.removeFilter(keep)
 
 
 def latest_training_checkpoint(directory: str | os.PathLike) -> pathlib.Path | None:
@@ -331,7 +549,6 @@ def latest_training_checkpoint(directory: str | os.PathLike) -> pathlib.Path | N
     return None
   steps = []
   for child in directory.iterdir():
-    if child.is_dir() and child.name.isdigit() and (
-        (child / 'commit_success.txt').exists() or (child / '_CHECKPOINT_METADATA').exists()):
+    if child.is_dir() and child.name.isdigit() and is_committed(child):
       steps.append(int(child.name))
   return directory / str(max(steps)) if steps else None

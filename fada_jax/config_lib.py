@@ -7,6 +7,8 @@ release (see the project README); a deliberate difference is a field whose defau
 the published behaviour.
 """
 
+import math
+
 import ml_collections
 
 from fada_jax.constants import STAGES
@@ -156,21 +158,52 @@ def validate(config: ml_collections.ConfigDict) -> None:
     size = _get(config, field)
     if len(size) != 2 or any(not isinstance(v, int) or v <= 0 for v in size):
       raise UserError(f'config.{field}={tuple(size)} must be (width, height), positive integers')
-  if len(config.data.color_jitter) != 4 or min(config.data.color_jitter) < 0:
-    raise UserError(f'config.data.color_jitter={tuple(config.data.color_jitter)} must be 4 '
-                    'non-negative strengths (brightness, contrast, saturation, hue)')
+  jitter = tuple(config.data.color_jitter)
+  if (len(jitter) != 4 or not all(_is_number(v) for v in jitter) or min(jitter) < 0
+      or jitter[3] > 0.5):
+    # torchvision's ColorJitter: any strength >= 0 for the first three, hue in [0, 0.5].
+    raise UserError(f'config.data.color_jitter={jitter} must be (brightness, contrast, '
+                    'saturation, hue): strengths >= 0, and hue in [0, 0.5]')
+  scale_range = tuple(config.data.scale_range)
+  if (len(scale_range) != 2 or not all(_is_number(v) for v in scale_range)
+      or not 0 < scale_range[0] <= scale_range[1]):
+    raise UserError(f'config.data.scale_range={scale_range} must be (low, high) with '
+                    '0 < low <= high')
   if not config.eval.scales or min(config.eval.scales) <= 0:
     raise UserError(f'config.eval.scales={tuple(config.eval.scales)} must be positive')
   for field in ('solver.batch_size', 'solver.max_iter', 'solver.stop_iter',
-                'solver.checkpoint_every', 'model.num_classes', 'eval.batch_size'):
-    if _get(config, field) <= 0:
-      raise UserError(f'config.{field}={_get(config, field)} must be positive')
+                'solver.checkpoint_every', 'solver.keep_checkpoints', 'model.num_classes',
+                'model.width', 'eval.batch_size', 'log_every', 'data.synthetic_size'):
+    value = _get(config, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+      raise UserError(f'config.{field}={value!r} must be a positive integer')
+  if not isinstance(config.data.workers, int) or config.data.workers < 0:
+    raise UserError(f'config.data.workers={config.data.workers!r} must be an integer >= 0 '
+                    '(0 reads in the training process)')
+  for field in ('solver.base_lr', 'solver.base_lr_d', 'solver.classifier_lr_mult',
+                'solver.weight_decay', 'solver.lr_power', 'solver.adv_weight'):
+    value = _get(config, field)
+    if not _is_number(value) or value < 0:
+      raise UserError(f'config.{field}={value!r} must be a number >= 0')
+  for field in ('solver.momentum', 'solver.adam_b1', 'solver.adam_b2'):
+    value = _get(config, field)
+    if not _is_number(value) or not 0 <= value < 1:
+      raise UserError(f'config.{field}={value!r} must be in [0, 1)')
+  if not _is_number(config.solver.temperature) or config.solver.temperature <= 0:
+    raise UserError(f'config.solver.temperature={config.solver.temperature!r} must be > 0')
+  if not _is_number(config.solver.soft_label_max) or not 0 < config.solver.soft_label_max <= 1:
+    raise UserError(f'config.solver.soft_label_max={config.solver.soft_label_max!r} must be '
+                    'in (0, 1]')
   if config.solver.stop_iter > config.solver.max_iter:
     raise UserError(f'config.solver.stop_iter={config.solver.stop_iter} exceeds '
                     f'config.solver.max_iter={config.solver.max_iter}')
   if config.stage == 'adversarial' and config.solver.batch_size % 2:
     raise UserError(f'config.solver.batch_size={config.solver.batch_size} must be even in '
                     'the adversarial stage (half source, half target)')
+
+
+def _is_number(value) -> bool:
+  return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def _get(config, dotted):

@@ -20,6 +20,7 @@ import os
 import pathlib
 import pickle
 import re
+import struct
 import sys
 from typing import Any, Iterable, Optional
 
@@ -94,6 +95,13 @@ class _Target:
 # Reading the file.
 
 
+# What torch.load raises for a damaged file: an empty file EOFError; a truncated zip or
+# legacy file RuntimeError ('failed finding central directory', 'unexpected EOF'); bytes
+# that are no archive at all KeyError or ValueError; an unreadable file OSError.
+_DAMAGED_TORCH_FILE_ERRORS = (EOFError, RuntimeError, KeyError, ValueError, OSError,
+                              struct.error)
+
+
 def read_torch_file(path: str | os.PathLike) -> Any:
   """torch.load with the weights-only unpickler, every failure as a UserError."""
   path = pathlib.Path(path)
@@ -115,7 +123,7 @@ def read_torch_file(path: str | os.PathLike) -> Any:
                   'content outside the weights-only allow-list')
     raise UserError(f'{path}: refused: it holds pickled objects other than tensors and '
                     f'was not unpickled ({first_sentence(reason)})') from None
-  except Exception as e:  # zip/pickle readers raise many types for damaged files
+  except _DAMAGED_TORCH_FILE_ERRORS as e:
     raise UserError(f'{path}: not a readable PyTorch file (truncated or corrupt?): '
                     f'{type(e).__name__}: {first_sentence(str(e))}') from None
 

@@ -79,14 +79,19 @@ def _run(argv):
     loop.train_and_evaluate(config, workdir)
   elif mode == 'eval':
     from fada_jax import evaluate
+    from fada_jax.train import preflight
     if not _CHECKPOINT.value:
       raise UserError('--mode=eval needs --checkpoint=PATH')
+    preflight.check_eval(config, _CHECKPOINT.value, workdir)
     evaluate.run_eval(config, _CHECKPOINT.value, workdir)
   elif mode == 'pseudo_label':
     from fada_jax import evaluate
+    from fada_jax.train import preflight
     if not _CHECKPOINT.value:
       raise UserError('--mode=pseudo_label needs --checkpoint=PATH')
-    evaluate.run_pseudo_label(config, _CHECKPOINT.value, _OUTPUT.value or f'{workdir}/pseudo_labels')
+    output = _OUTPUT.value or f'{workdir}/pseudo_labels'
+    preflight.check_pseudo_label(config, _CHECKPOINT.value, output)
+    evaluate.run_pseudo_label(config, _CHECKPOINT.value, output)
   elif mode == 'pipeline':
     from fada_jax import pipeline
     pipeline.run_pipeline(config, workdir)

@@ -36,6 +36,7 @@ from fada_jax.constants import STAGES
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
 from fada_jax.train import loop
+from fada_jax.train import preflight
 
 PSEUDO_LABEL_DIR = 'pseudo_labels'
 PSEUDO_LABEL_MARKER = 'complete.json'
@@ -186,29 +187,31 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
   """Stage 1 -> eval -> stage 2 -> eval -> pseudo labels -> stage 3 -> eval; returns the summary."""
   workdir = pathlib.Path(workdir).absolute()
   distributed.check_same_config(config, extra=str(workdir))
-  if distributed.is_main_process():
-    workdir.mkdir(parents=True, exist_ok=True)
   imagenet = config.init_checkpoint
-  summary: dict = {}
-
-  source_cfg = stage_config(config, 'source_only', init_checkpoint=imagenet)
   source_dir = workdir / 'source_only'
-  _record(summary, 'source_only', _run_stage(source_cfg, source_dir), workdir)
-
+  adversarial_dir = workdir / 'adversarial'
+  pseudo_dir = workdir / PSEUDO_LABEL_DIR
+  source_cfg = stage_config(config, 'source_only', init_checkpoint=imagenet)
   adversarial_cfg = stage_config(
       config, 'adversarial',
       init_checkpoint=str(_final_checkpoint(source_cfg, source_dir)))
-  adversarial_dir = workdir / 'adversarial'
-  _record(summary, 'adversarial', _run_stage(adversarial_cfg, adversarial_dir), workdir)
-
-  pseudo_dir = workdir / PSEUDO_LABEL_DIR
-  _pseudo_labels(adversarial_cfg, _final_checkpoint(adversarial_cfg, adversarial_dir),
-                 pseudo_dir)
-
   # The release restarts stage 3 from ImageNet weights. Without them (the demo) a random
   # start only relearns a worse copy of its teacher, so stage 2's model is the start.
   distill_init = imagenet or str(_final_checkpoint(adversarial_cfg, adversarial_dir))
   distill_cfg = stage_config(config, 'self_distill', init_checkpoint=distill_init,
                              pseudo_label_dir=str(pseudo_dir))
+  # Every stage's data and settings, before the first one writes or compiles anything.
+  preflight.check_pipeline(
+      workdir, {'source_only': source_cfg, 'adversarial': adversarial_cfg,
+                'self_distill': distill_cfg},
+      first_stage_started=preflight.resuming(source_dir, loop.CHECKPOINTS_DIR))
+  if distributed.is_main_process():
+    workdir.mkdir(parents=True, exist_ok=True)
+  summary: dict = {}
+
+  _record(summary, 'source_only', _run_stage(source_cfg, source_dir), workdir)
+  _record(summary, 'adversarial', _run_stage(adversarial_cfg, adversarial_dir), workdir)
+  _pseudo_labels(adversarial_cfg, _final_checkpoint(adversarial_cfg, adversarial_dir),
+                 pseudo_dir)
   _record(summary, 'self_distill', _run_stage(distill_cfg, workdir / 'self_distill'), workdir)
   return summary

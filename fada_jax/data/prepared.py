@@ -50,15 +50,34 @@ class PreparedSource:
   def __init__(self, path: str | os.PathLike, split: str):
     self.path = Path(path)
     self.split = split
-    with open(self.path / "metadata.json") as f:
-      metadata = json.load(f)
+    metadata_path = self.path / "metadata.json"
+    remedy = "prepare the dataset again with tools/prepare_data.py"
+    try:
+      metadata = json.loads(metadata_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+      raise UserError(f"unreadable prepared-dataset metadata {metadata_path}: "
+                      f"{type(error).__name__}: {error}; {remedy}") from None
+    if not isinstance(metadata, dict):
+      raise UserError(f"malformed prepared-dataset metadata {metadata_path}: not a JSON "
+                      f"object; {remedy}")
     if split not in metadata:
       raise UserError(f"prepared dataset {self.path} has no split {split!r}")
     self.dataset = self.path.parent.parent.name
-    self.num_classes = int(metadata["num_classes"])
-    self.names: list[str] = list(metadata[split]["names"])
-    self._classes = [np.asarray(c, dtype=np.uint8) for c in metadata[split]["classes"]]
-    self.skipped: list[str] = list(metadata[split].get("skipped", []))
+    try:
+      self.num_classes = int(metadata["num_classes"])
+      self.names: list[str] = [str(n) for n in metadata[split]["names"]]
+      self._classes = [np.asarray(c, dtype=np.uint8) for c in metadata[split]["classes"]]
+      self.skipped: list[str] = list(metadata[split].get("skipped", []))
+    except KeyError as error:
+      raise UserError(f"malformed prepared-dataset metadata {metadata_path}: no field "
+                      f"{error}; {remedy}") from None
+    except (TypeError, ValueError, AttributeError, OverflowError) as error:
+      raise UserError(f"malformed prepared-dataset metadata {metadata_path}: "
+                      f"{type(error).__name__}: {error}; {remedy}") from None
+    if len(self._classes) != len(self.names):
+      raise UserError(f"malformed prepared-dataset metadata {metadata_path}: "
+                      f"{len(self.names)} names but {len(self._classes)} class lists in "
+                      f"split {split!r}; {remedy}")
     self._records = None  # Opened lazily, per process.
 
   def __getstate__(self) -> dict[str, Any]:

@@ -32,6 +32,7 @@ from fada_jax.models import variables as variables_lib
 from fada_jax.train import distributed
 from fada_jax.train import parallel
 from fada_jax.train import prefetch
+from fada_jax.train import preflight
 from fada_jax.train import state as state_lib
 from fada_jax.train import steps as steps_lib
 
@@ -318,8 +319,10 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
   checkpoint_every = int(solver.checkpoint_every)
   log_every = max(1, int(config.log_every))
 
+  # Everything the run will read or write, before anything is written or compiled.
+  preflight.check_training(config, workdir,
+                           resuming=preflight.resuming(workdir, CHECKPOINTS_DIR))
   mesh = parallel.make_mesh()
-  parallel.local_batch_sizes(config, mesh)  # checks that the batch splits over devices
   models = models_lib.build(config)
   rng = jax.random.PRNGKey(int(config.seed))
   init_rng, state_rng = jax.random.split(rng)
@@ -337,41 +340,52 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
 
   checkpoints = checkpoint_lib.TrainingCheckpoints(workdir / CHECKPOINTS_DIR,
                                                    keep=solver.keep_checkpoints)
-  latest = checkpoints.latest_step()
-  start_step = 0
-  data = None
-  if latest is None:
-    variables = initial_variables(config, models, init_rng)
-    state = jax.jit(make_state, out_shardings=shardings)(variables, state_rng)
-    del variables
-  else:
-    target_variables, target_train = _checkpoint_items(_host_zeros(abstract_state))
-    item_variables, item_train, data = checkpoints.restore(latest, target_variables,
-                                                           target_train)
-    state = jax.device_put(_state_from_items(abstract_state, item_variables, item_train),
-                           shardings)
-    start_step = int(item_train['step'])
-    if start_step != latest:
-      raise UserError(f'{checkpoints.step_dir(latest)} holds step {start_step}, not {latest}')
-    checkpoints.write_meta(latest, _checkpoint_meta(config, item_variables))
-    del item_variables, item_train, target_variables, target_train
-  if start_step > stop_iter:
-    raise UserError(f'{checkpoints.step_dir(start_step)} is past config.solver.stop_iter='
-                    f'{stop_iter}; use a new --workdir or a larger stop_iter')
-  iterator = _StageBatches(config, start_step)
-  if data is not None:
-    _restore_data_state(iterator, data, checkpoints.step_dir(latest))
-
-  logger = _Logger(config, workdir, start_step)
-  if start_step:
+  iterator = None
+  try:
+    start_step = 0
+    resumed, passed_over = None, []
+    if checkpoints.all_steps():
+      target_variables, target_train = _checkpoint_items(_host_zeros(abstract_state))
+      resumed, passed_over = checkpoints.restore_newest(target_variables, target_train,
+                                                        _resume_fields(config))
+      del target_variables, target_train
+    if resumed is None:
+      variables = initial_variables(config, models, init_rng)
+      state = jax.jit(make_state, out_shardings=shardings)(variables, state_rng)
+      del variables
+    else:
+      state = jax.device_put(
+          _state_from_items(abstract_state, resumed.variables, resumed.train), shardings)
+      start_step = int(resumed.train['step'])
+      if start_step != resumed.step:
+        raise UserError(f'{checkpoints.step_dir(resumed.step)} holds step {start_step}, '
+                        f'not {resumed.step}')
+      checkpoints.write_meta(start_step, _checkpoint_meta(config, resumed.variables))
+    if start_step > stop_iter:
+      raise UserError(f'{checkpoints.step_dir(start_step)} is past config.solver.stop_iter='
+                      f'{stop_iter}; use a new --workdir or a larger stop_iter')
+    iterator = _StageBatches(config, start_step)
+    if resumed is not None:
+      _restore_data_state(iterator, resumed.data, checkpoints.step_dir(start_step))
+    logger = _Logger(config, workdir, start_step)
+  except BaseException:
+    # Closed here on a failed start (the loop below closes them otherwise): an open
+    # orbax manager or grain pipeline fails noisily at interpreter exit.
+    if iterator is not None:
+      iterator.close()
+    checkpoints.close()
+    raise
+  for note in passed_over:
+    logger.note(note)
+  if resumed is not None:
     logger.note(f'resumed from {checkpoints.step_dir(start_step)} (step {start_step})')
+  last_good = start_step if resumed is not None else None
   batch_images = int(solver.batch_size)
   pending = _PendingMetrics()
   # The next batches are read and put on the mesh while a step runs; checkpoints record
   # the consumed position (batches.get_state()), not the prefetched one.
   batches = prefetch.Prefetcher(iterator, lambda b: parallel.shard_batch(b, mesh),
                                 depth=2, limit=stop_iter - start_step)
-  last_good = latest
   window = []  # (step, metrics) since the last log
   window_start = None
   window_steps = 0
@@ -424,6 +438,13 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
     batches.close()  # and the iterator under it
     checkpoints.close()
   return checkpoints.step_dir(stop_iter)
+
+
+def _resume_fields(config) -> dict:
+  """The config fields a checkpoint must have been written with for this run to resume it."""
+  return {'stage': config.stage, 'model.arch': config.model.arch,
+          'model.num_classes': int(config.model.num_classes),
+          'model.width': int(config.model.width)}
 
 
 def _host_zeros(abstract) -> Any:
