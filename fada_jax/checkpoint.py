@@ -493,13 +493,17 @@ def _storage_failure(error: Exception) -> str | None:
 
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-# A step's files take a little more than its arrays: orbax's metadata and our meta.json.
-_SAVE_OVERHEAD_BYTES = 64 << 10
+# A step's files take a little more than its arrays (orbax's metadata, our meta.json);
+# with this margin a save that would fill the disk is refused before orbax starts, since
+# a write that fails midway leaves tensorstore printing 'Event loop is closed' tracebacks
+# (from its own threads, past any Python hook) above our one-line error.
+_SAVE_MARGIN_BYTES = 1 << 20
+_SAVE_MARGIN_FRACTION = 0.05
 
 
 def _check_free_space(directory: pathlib.Path, step: int, trees: Any, last_good: str) -> None:
-  needed = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trees))
-  needed += _SAVE_OVERHEAD_BYTES
+  arrays = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trees))
+  needed = int(arrays * (1 + _SAVE_MARGIN_FRACTION)) + _SAVE_MARGIN_BYTES
   probe = directory
   while not probe.exists():
     probe = probe.parent

@@ -441,7 +441,7 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch)
   variables, train = _tree(4)
   try:
     with pytest.raises(UserError, match=rf'cannot save step 4 in {directory}: it needs about '
-                                        r'\S+ KiB and the disk has 4.0 KiB free; the last good '
+                                        r'\S+ MiB and the disk has 4.0 KiB free; the last good '
                                         rf'checkpoint is {directory}/2'):
       store.save(4, variables, train, {'states': []}, META)
   finally:
