@@ -437,7 +437,7 @@ def _damaged_arrays(step_dir: pathlib.Path) -> str | None:
       continue  # a JSON item, or a missing one: orbax's restore names it
     damage = _damaged_tree(item_dir)
     if damage:
-      return f'{item}/{damage}'
+      return f'{item}: {damage}'
   return None
 
 

@@ -346,7 +346,7 @@ def test_no_readable_step_is_one_line_naming_each(tmp_path):
     store.close()
   message = str(error.value)
   assert '\n' not in message
-  assert f'{directory}/4: unreadable (train/manifest.ocdbt is missing)' in message
+  assert f'{directory}/4: unreadable (train: manifest.ocdbt is missing)' in message
   assert f'{directory}/2: unreadable (' in message
   assert sorted(p.name for p in directory.iterdir()) == ['2', '4']  # nothing moved
 
