@@ -42,7 +42,7 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> pathlib.Path:
     raise UserError(f'{what}={path} {where}; expected a folder')
   if not os.access(existing, os.W_OK | os.X_OK):
     where = '' if existing == path else f'cannot be created: {existing} '
-    raise UserError(f'{what}={path} {where}is not writable (permission denied); '
+    raise UserError(f'{what}={path} {where}is not writable; '
                     'expected a folder this user may write into')
   return path
 
