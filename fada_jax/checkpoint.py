@@ -208,6 +208,22 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
 register_model_loader(MODEL_FORMAT, _load_model_format)
 
 
+def check_model_readable(path: str | os.PathLike) -> None:
+  """What `load_model` would refuse, found without loading: a missing or unknown
+  meta.json, a missing variables folder, or array files that do not read back."""
+  path = pathlib.Path(path)
+  meta = read_meta(path)
+  if meta.get('format') not in _MODEL_LOADERS:
+    raise UserError(f'{path} is not a model checkpoint (format {meta.get("format")!r}; '
+                    f'readable: {sorted(_MODEL_LOADERS)})')
+  variables_dir = path / VARIABLES_DIR
+  if not variables_dir.is_dir():
+    raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
+
+
 def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
   """Reads model variables (numpy arrays) and meta from a checkpoint folder.
 

@@ -168,6 +168,14 @@ def test_eval_and_pseudo_label_inputs(data_root, tmp_path):
   preflight.check_pseudo_label(config, tmp_path / 'ckpt', tmp_path / 'labels')
   assert not (tmp_path / 'eval').exists() and not (tmp_path / 'labels').exists()
 
+  # A damaged model checkpoint is found before the evaluation folder is made.
+  variables, _ = _tree(2)
+  damaged = checkpoint.save_model(tmp_path / 'damaged', variables, {'arch': 'resnet18'})
+  _truncate_arrays(damaged)
+  with pytest.raises(UserError, match=rf'cannot read model variables in {damaged}/variables'):
+    preflight.check_eval(config, damaged, tmp_path / 'eval')
+  assert not (tmp_path / 'eval').exists()
+
 
 def test_unwritable_workdir(tmp_path, monkeypatch):
   locked = tmp_path / 'locked'

@@ -140,6 +140,8 @@ def check_checkpoint_path(path: str | os.PathLike, what: str) -> None:
     raise UserError(f'checkpoint not found: {path.absolute()} ({what}={given})')
   if not path.is_dir():
     raise UserError(f'{what}={given} is a file; expected a checkpoint folder')
+  if (path / checkpoint_lib.META_FILE).is_file():
+    checkpoint_lib.check_model_readable(path)  # one checkpoint (not a folder of several)
 
 
 # ---------------------------------------------------------------------------------------
