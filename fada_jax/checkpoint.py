@@ -208,6 +208,22 @@ def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
 register_model_loader(MODEL_FORMAT, _load_model_format)
 
 
+def check_model_readable(path: str | os.PathLike) -> None:
+  """What `load_model` would refuse, found without loading: a missing or unknown
+  meta.json, a missing variables folder, or array files that do not read back."""
+  path = pathlib.Path(path)
+  meta = read_meta(path)
+  if meta.get('format') not in _MODEL_LOADERS:
+    raise UserError(f'{path} is not a model checkpoint (format {meta.get("format")!r}; '
+                    f'readable: {sorted(_MODEL_LOADERS)})')
+  variables_dir = path / VARIABLES_DIR
+  if not variables_dir.is_dir():
+    raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
+  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
+  if damage:
+    raise _unreadable(variables_dir, damage)
+
+
 def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
   """Reads model variables (numpy arrays) and meta from a checkpoint folder.
 
@@ -437,7 +453,7 @@ def _damaged_arrays(step_dir: pathlib.Path) -> str | None:
       continue  # a JSON item, or a missing one: orbax's restore names it
     damage = _damaged_tree(item_dir)
     if damage:
-      return f'{item}/{damage}'
+      return f'{item}: {damage}'
   return None
 
 
@@ -493,13 +509,17 @@ def _storage_failure(error: Exception) -> str | None:
 
 
 _STORAGE_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS)
-# A step's files take a little more than its arrays: orbax's metadata and our meta.json.
-_SAVE_OVERHEAD_BYTES = 64 << 10
+# A step's files take a little more than its arrays (orbax's metadata, our meta.json);
+# with this margin a save that would fill the disk is refused before orbax starts, since
+# a write that fails midway leaves tensorstore printing 'Event loop is closed' tracebacks
+# (from its own threads, past any Python hook) above our one-line error.
+_SAVE_MARGIN_BYTES = 1 << 20
+_SAVE_MARGIN_FRACTION = 0.05
 
 
 def _check_free_space(directory: pathlib.Path, step: int, trees: Any, last_good: str) -> None:
-  needed = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trees))
-  needed += _SAVE_OVERHEAD_BYTES
+  arrays = sum(np.asarray(x).nbytes for x in jax.tree_util.tree_leaves(trees))
+  needed = int(arrays * (1 + _SAVE_MARGIN_FRACTION)) + _SAVE_MARGIN_BYTES
   probe = directory
   while not probe.exists():
     probe = probe.parent

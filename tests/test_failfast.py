@@ -168,6 +168,14 @@ def test_eval_and_pseudo_label_inputs(data_root, tmp_path):
   preflight.check_pseudo_label(config, tmp_path / 'ckpt', tmp_path / 'labels')
   assert not (tmp_path / 'eval').exists() and not (tmp_path / 'labels').exists()
 
+  # A damaged model checkpoint is found before the evaluation folder is made.
+  variables, _ = _tree(2)
+  damaged = checkpoint.save_model(tmp_path / 'damaged', variables, {'arch': 'resnet18'})
+  _truncate_arrays(damaged)
+  with pytest.raises(UserError, match=rf'cannot read model variables in {damaged}/variables'):
+    preflight.check_eval(config, damaged, tmp_path / 'eval')
+  assert not (tmp_path / 'eval').exists()
+
 
 def test_unwritable_workdir(tmp_path, monkeypatch):
   locked = tmp_path / 'locked'
@@ -346,7 +354,7 @@ def test_no_readable_step_is_one_line_naming_each(tmp_path):
     store.close()
   message = str(error.value)
   assert '\n' not in message
-  assert f'{directory}/4: unreadable (train/manifest.ocdbt is missing)' in message
+  assert f'{directory}/4: unreadable (train: manifest.ocdbt is missing)' in message
   assert f'{directory}/2: unreadable (' in message
   assert sorted(p.name for p in directory.iterdir()) == ['2', '4']  # nothing moved
 
@@ -441,7 +449,7 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch)
   variables, train = _tree(4)
   try:
     with pytest.raises(UserError, match=rf'cannot save step 4 in {directory}: it needs about '
-                                        r'\S+ KiB and the disk has 4.0 KiB free; the last good '
+                                        r'\S+ MiB and the disk has 4.0 KiB free; the last good '
                                         rf'checkpoint is {directory}/2'):
       store.save(4, variables, train, {'states': []}, META)
   finally:

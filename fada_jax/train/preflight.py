@@ -42,7 +42,7 @@ def check_writable_folder(path: str | os.PathLike, what: str) -> pathlib.Path:
     raise UserError(f'{what}={path} {where}; expected a folder')
   if not os.access(existing, os.W_OK | os.X_OK):
     where = '' if existing == path else f'cannot be created: {existing} '
-    raise UserError(f'{what}={path} {where}is not writable (permission denied); '
+    raise UserError(f'{what}={path} {where}is not writable; '
                     'expected a folder this user may write into')
   return path
 
@@ -140,6 +140,8 @@ def check_checkpoint_path(path: str | os.PathLike, what: str) -> None:
     raise UserError(f'checkpoint not found: {path.absolute()} ({what}={given})')
   if not path.is_dir():
     raise UserError(f'{what}={given} is a file; expected a checkpoint folder')
+  if (path / checkpoint_lib.META_FILE).is_file():
+    checkpoint_lib.check_model_readable(path)  # one checkpoint (not a folder of several)
 
 
 # ---------------------------------------------------------------------------------------
