@@ -37,11 +37,12 @@ def test_scatter_ops_finds_scatters_and_skips_names():
   assert scatter_ops(hlo) == ["scatter", "select-and-scatter"]
 
 
-# Plain convolutions ("off") are what GPUs run; stage 2, the paper's step and the one
-# with every loss, is also checked with the CPU's matrix-product convolutions.
+# Plain convolutions ("off") are what GPUs run. The CPU's matrix-product convolutions
+# ("on") are checked on the cheaper stage-1 step: they rewrite the same convolutions in
+# every stage, and stage 2 costs twice the compile time.
 @pytest.mark.parametrize("stage,matmul_convs", [
     ("source_only", "off"), ("self_distill", "off"), ("adversarial", "off"),
-    ("adversarial", "on")])
+    ("source_only", "on")])
 def test_compiled_training_step_has_no_scatter(stage, matmul_convs, tmp_path, capsys):
   width, height = TINY["data.source_size"]
   hlo_path = tmp_path / "step.hlo"
