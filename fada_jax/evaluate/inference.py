@@ -1,8 +1,9 @@
 """Inference: the jit-compiled `Predictor`, its settings, and its variable transforms.
 
 What the release computes (`test.py`): the image is resized to the test size (bicubic, in
-the eval loader), normalised (here on the device, the first op of `scores`), the logits are upsampled with align_corners=True to the full label
-resolution, the prediction is their argmax.
+the eval loader) and normalised (here on the device, the first op of `scores`), the
+logits are upsampled with align_corners=True to the full label resolution, the
+prediction is their argmax.
 
 Optional inference modes, in the release's order of operations: flip averages
 softmax(upsample(logits(x))) with the mirrored softmax of the mirrored image; multi-scale
@@ -225,8 +226,8 @@ class Predictor:
     return counts, num_valid, predictions
 
   def predict(self, variables, images: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
-    """uint8 [B, out_h, out_w] train ids of this process's `images` (uint8 pixels, or
-    normalised floats) (any B: padded to a multiple of the local devices and cropped back)."""
+    """uint8 [B, out_h, out_w] train ids of this process's `images`, uint8 pixels or
+    normalised floats (any B: padded to a multiple of the local devices and cropped back)."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
       images = images.astype(np.float32)
