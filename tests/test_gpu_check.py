@@ -148,6 +148,16 @@ def test_a_failure_is_a_line_and_is_run_again_with_the_xla_dump(gpu_like_env, tm
   assert failed['dump_run']['error'].startswith('timeout after')
 
 
+def test_measurements_past_the_budget_are_skipped_with_a_line(gpu_like_env, tmp_path):
+  result, lines = _run(gpu_like_env, tmp_path / 'out', '--only=peak,eval', '--budget=0.5',
+                       '--time-limit=0.2')
+  assert result.returncode == 1
+  by_name = {line['measurement']: line for line in lines}
+  assert by_name['peak']['error'].startswith('timeout after')
+  assert 'dump_run' not in by_name['peak']  # no budget left for it
+  assert by_name['eval']['ok'] is False and by_name['eval']['error'].startswith('skipped')
+
+
 def test_xla_dumps_are_packed_by_priority_within_the_size_limit(gpu_like_env, tmp_path):
   out = tmp_path / 'out'
   limit_mib = 0.02  # well under what all of the dump takes

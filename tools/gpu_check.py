@@ -69,6 +69,7 @@ TIME_LIMITS = {'peak': 45, 'stage2_bfloat16': 150, 'parity_float32': 75, 'eval':
 # that the prepared device call allows.
 DEFAULT_BUDGET = 430
 SMOKE_BUDGET = 900
+DUMP_RESERVE = 100  # seconds kept, after a failure, for its run with XLA's dump
 DUMP_LIMIT_MIB = 15.0  # the device tool brings back files of at most 16 MiB
 # Dense bf16 matrix rate by the vendor's datasheets, TFLOP/s, by `device_kind`.
 DATASHEET_BF16_TFLOPS = {'NVIDIA H200': 989.4, 'NVIDIA H100 80GB HBM3': 989.4,
@@ -426,17 +427,20 @@ class Driver:
   def run(self) -> int:
     names = self.args.only or MEASUREMENTS
     results: dict[str, dict[str, Any]] = {}
-    failed = []
+    failed, skipped = [], []
     for name in names:
-      if self.remaining() < min(30, 0.25 * self.limit_of(name)):
-        results[name] = {'error': f'skipped: {max(0, round(self.remaining()))} s of the '
-                                  'time budget left'}
-        failed.append(name)
+      # Once a measurement has failed, time is kept for running it again with the dump.
+      reserve = DUMP_RESERVE if failed and self.args.dump == 'failures' else 0
+      available = self.remaining() - reserve
+      if available < min(30, 0.25 * self.limit_of(name)):
+        results[name] = {'error': f'skipped: {max(0, round(available))} s of the time '
+                                  'budget left'}
+        skipped.append(name)
         continue
       dump = None
       if self.args.dump == 'always':
         dump = os.path.join(self.work, name)
-      results[name] = self.child(name, self.limit(name), dump)
+      results[name] = self.child(name, min(self.limit_of(name), available), dump)
       if dump:
         self.dumps[name] = dump
       if 'error' in results[name]:
@@ -447,12 +451,13 @@ class Driver:
     # (buffer assignment, memory report, HLO), so that one call brings back what is
     # needed to fix them.
     for name in failed:
-      if (self.args.dump == 'failures' and name not in self.dumps
-          and self.remaining() >= 10 and not results[name]['error'].startswith('skipped')):
+      if self.args.dump == 'failures' and name not in self.dumps and self.remaining() >= 10:
         dump = os.path.join(self.work, name)
         again = self.child(name, self.limit(name), dump)
         self.dumps[name] = dump
         results[name]['dump_run'] = {k: again[k] for k in ('error', 'wall_seconds') if k in again}
+      self.finish(name, results)
+    for name in skipped:
       self.finish(name, results)
     if self.dumps:
       self.emit(dict({'measurement': 'xla_dumps', 'ok': True, 'smoke': self.args.smoke},
