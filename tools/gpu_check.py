@@ -145,6 +145,10 @@ def _published(stage: str):
   return config_lib.make_config('g2c', stage)
 
 
+def _significant(value: float) -> float:
+  return float(f'{value:.4g}')
+
+
 def _size(width_height) -> str:
   return f'{width_height[0]}x{width_height[1]}'
 
@@ -235,7 +239,6 @@ def _peak(smoke: bool) -> dict[str, Any]:
   import jaxlib  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   n = 256 if smoke else 8192
-  repeats = 3 if smoke else 20
 
   def rate(dtype) -> float:
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -243,13 +246,23 @@ def _peak(smoke: bool) -> dict[str, Any]:
     pairs = [(jax.random.normal(keys[i], (n, n), dtype),
               jax.random.normal(keys[i + 2], (n, n), dtype)) for i in range(2)]
     product = jax.jit(jnp.matmul)
-    for a, b in pairs * 2:
-      product(a, b).block_until_ready()
-    start = time.perf_counter()
-    outputs = [product(*pairs[i % 2]) for i in range(repeats)]
-    jax.block_until_ready(outputs)
-    seconds = time.perf_counter() - start
-    return round(2 * n**3 * repeats / seconds / 1e12, 2)
+
+    def seconds(count: int) -> float:
+      start = time.perf_counter()
+      for i in range(count):
+        out = product(*pairs[i % 2])  # queued in order: blocking on the last waits for all
+      out.block_until_ready()
+      return time.perf_counter() - start
+
+    # Half a second of products first: compilation, and the clocks up from idle.
+    warm, count = 0.0, 0
+    while warm < 0.5:
+      warm += seconds(4)
+      count += 4
+    per_product = warm / count
+    repeats = max(3, int(0.1 / per_product))  # about 0.1 s a sample
+    samples = sorted(seconds(repeats) for _ in range(5))
+    return _significant(2 * n**3 * repeats / samples[2] / 1e12)  # the median sample
 
   return {'platform': device.platform, 'device_kind': device.device_kind,
           'devices': jax.device_count(), 'jax_version': jax.__version__,
@@ -341,12 +354,12 @@ def derived_rates(result: dict[str, Any], peak: dict[str, Any] | None) -> dict[s
   median = result.get('step_seconds_median')
   if not median:
     return {}
-  out = {'steps_per_second': round(1 / median, 3)}
+  out = {'steps_per_second': _significant(1 / median)}
   flops = result.get('flops_per_step')
   for key, field in (('mfu_measured_bf16', 'matmul_bf16_tflops'),
                      ('mfu_datasheet_bf16', 'datasheet_bf16_tflops')):
     tflops = (peak or {}).get(field)
-    out[key] = round(flops / median / (tflops * 1e12), 4) if flops and tflops else None
+    out[key] = _significant(flops / median / (tflops * 1e12)) if flops and tflops else None
   return out
 
 
