@@ -86,21 +86,20 @@ def test_smoke_measures_everything_without_the_missing_packages(gpu_like_env, tm
   _positive(peak, 'matmul_bf16_tflops', 'matmul_float32_tflops')
   assert peak['datasheet_bf16_tflops'] is None  # no datasheet rate for a CPU
 
-  for name, stage in (('stage2_bfloat16', 'adversarial'),):
-    line = by_name[name]
-    assert (line['mode'], line['stage'], line['dtype'], line['remat']) == (
-        'train', stage, 'bfloat16', True)
-    assert (line['batch'], line['size'], line['target_size']) == (2, '64x32', '64x32')
-    assert line['benchmark_command'].startswith('python tools/benchmark.py --mode=train')
-    _positive(line, 'compile_seconds', 'step_seconds_median', 'steps_per_second',
-              'images_per_second', 'flops_per_step', 'mfu_measured_bf16')
-    assert line['steps_per_second'] == pytest.approx(1 / line['step_seconds_median'], rel=1e-2)
-    expected_mfu = (line['flops_per_step'] * line['steps_per_second']
-                    / (peak['matmul_bf16_tflops'] * 1e12))
-    assert line['mfu_measured_bf16'] == pytest.approx(expected_mfu, rel=2e-2)
-    assert line['mfu_datasheet_bf16'] is None
-    _positive(line['memory'], 'temp_size_in_bytes', 'peak_estimate_bytes')
-    assert 'peak_bytes_in_use' in line and 'peak_gib' in line  # None on the CPU backend
+  line = by_name['stage2_bfloat16']
+  assert (line['mode'], line['stage'], line['dtype'], line['remat']) == (
+      'train', 'adversarial', 'bfloat16', True)
+  assert (line['batch'], line['size'], line['target_size']) == (2, '64x32', '64x32')
+  assert line['benchmark_command'].startswith('python tools/benchmark.py --mode=train')
+  _positive(line, 'compile_seconds', 'step_seconds_median', 'steps_per_second',
+            'images_per_second', 'flops_per_step', 'mfu_measured_bf16')
+  assert line['steps_per_second'] == pytest.approx(1 / line['step_seconds_median'], rel=1e-2)
+  expected_mfu = (line['flops_per_step'] * line['steps_per_second']
+                  / (peak['matmul_bf16_tflops'] * 1e12))
+  assert line['mfu_measured_bf16'] == pytest.approx(expected_mfu, rel=2e-2)
+  assert line['mfu_datasheet_bf16'] is None
+  _positive(line['memory'], 'temp_size_in_bytes', 'peak_estimate_bytes')
+  assert 'peak_bytes_in_use' in line and 'peak_gib' in line  # None on the CPU backend
 
   evaluation = by_name['eval']
   assert evaluation['mode'] == 'eval'
