@@ -11,7 +11,8 @@ Measurements, in this order (each in its own process, with its own time limit):
                   1024x512 images) in bfloat16 with remat
   parity_float32  the float32 network's logits on the default backend against the CPU
                   backend, same variables and input (512x256), in one process
-  eval            single-scale inference at 1024x2048 (stage 3's test size)
+  eval            single-scale inference of 1024x2048 images (stage 3's test size), as
+                  tools/benchmark.py's eval mode runs it (float32, batch 2)
   stage1_bfloat16 stage 1 at the paper batch (8 x 1280x720), bfloat16 with remat
   stage2_float32  the stage-2 step in float32 with remat
 
@@ -26,7 +27,8 @@ Each measurement runs in a child process (`--measure NAME`), so that its peak me
 its own and a hung compile can be killed. A failed or timed-out one prints a line with
 its error, and, while the time budget lasts, is run again with XLA's dump on; the buffer
 assignment, memory-usage report and HLO of those runs are packed into
-OUT/xla_dumps.tar.gz (at most 15 MiB). The whole run stays within --budget seconds.
+OUT/xla_dumps.tar.gz (at most 15 MiB). The measurements stay within --budget seconds;
+with start-up and packing the whole run takes at most 8 minutes.
 
 The check needs only JAX, flax, optax, orbax-checkpoint, numpy and pillow: it imports
 nothing of the data pipeline (grain, tensorflow-datasets, array-record) nor tensorboardX,
