@@ -86,21 +86,20 @@ def test_smoke_measures_everything_without_the_missing_packages(gpu_like_env, tm
   _positive(peak, 'matmul_bf16_tflops', 'matmul_float32_tflops')
   assert peak['datasheet_bf16_tflops'] is None  # no datasheet rate for a CPU
 
-  for name, stage in (('stage2_bfloat16', 'adversarial'),):
-    line = by_name[name]
-    assert (line['mode'], line['stage'], line['dtype'], line['remat']) == (
-        'train', stage, 'bfloat16', True)
-    assert (line['batch'], line['size'], line['target_size']) == (2, '64x32', '64x32')
-    assert line['benchmark_command'].startswith('python tools/benchmark.py --mode=train')
-    _positive(line, 'compile_seconds', 'step_seconds_median', 'steps_per_second',
-              'images_per_second', 'flops_per_step', 'mfu_measured_bf16')
-    assert line['steps_per_second'] == pytest.approx(1 / line['step_seconds_median'], rel=1e-2)
-    expected_mfu = (line['flops_per_step'] * line['steps_per_second']
-                    / (peak['matmul_bf16_tflops'] * 1e12))
-    assert line['mfu_measured_bf16'] == pytest.approx(expected_mfu, rel=2e-2)
-    assert line['mfu_datasheet_bf16'] is None
-    _positive(line['memory'], 'temp_size_in_bytes', 'peak_estimate_bytes')
-    assert 'peak_bytes_in_use' in line and 'peak_gib' in line  # None on the CPU backend
+  line = by_name['stage2_bfloat16']
+  assert (line['mode'], line['stage'], line['dtype'], line['remat']) == (
+      'train', 'adversarial', 'bfloat16', True)
+  assert (line['batch'], line['size'], line['target_size']) == (2, '64x32', '64x32')
+  assert line['benchmark_command'].startswith('python tools/benchmark.py --mode=train')
+  _positive(line, 'compile_seconds', 'step_seconds_median', 'steps_per_second',
+            'images_per_second', 'flops_per_step', 'mfu_measured_bf16')
+  assert line['steps_per_second'] == pytest.approx(1 / line['step_seconds_median'], rel=1e-2)
+  expected_mfu = (line['flops_per_step'] * line['steps_per_second']
+                  / (peak['matmul_bf16_tflops'] * 1e12))
+  assert line['mfu_measured_bf16'] == pytest.approx(expected_mfu, rel=2e-2)
+  assert line['mfu_datasheet_bf16'] is None
+  _positive(line['memory'], 'temp_size_in_bytes', 'peak_estimate_bytes')
+  assert 'peak_bytes_in_use' in line and 'peak_gib' in line  # None on the CPU backend
 
   evaluation = by_name['eval']
   assert evaluation['mode'] == 'eval'
@@ -146,6 +145,16 @@ def test_a_failure_is_a_line_and_is_run_again_with_the_xla_dump(gpu_like_env, tm
   assert failed['ok'] is False and failed['error'].startswith('timeout after')
   assert 'stderr_tail' in failed
   assert failed['dump_run']['error'].startswith('timeout after')
+
+
+def test_measurements_past_the_budget_are_skipped_with_a_line(gpu_like_env, tmp_path):
+  result, lines = _run(gpu_like_env, tmp_path / 'out', '--only=peak,eval', '--budget=0.5',
+                       '--time-limit=0.2')
+  assert result.returncode == 1
+  by_name = {line['measurement']: line for line in lines}
+  assert by_name['peak']['error'].startswith('timeout after')
+  assert 'dump_run' not in by_name['peak']  # no budget left for it
+  assert by_name['eval']['ok'] is False and by_name['eval']['error'].startswith('skipped')
 
 
 def test_xla_dumps_are_packed_by_priority_within_the_size_limit(gpu_like_env, tmp_path):

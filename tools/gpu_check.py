@@ -11,7 +11,8 @@ Measurements, in this order (each in its own process, with its own time limit):
                   1024x512 images) in bfloat16 with remat
   parity_float32  the float32 network's logits on the default backend against the CPU
                   backend, same variables and input (512x256), in one process
-  eval            single-scale inference at 1024x2048 (stage 3's test size)
+  eval            single-scale inference of 1024x2048 images (stage 3's test size), as
+                  tools/benchmark.py's eval mode runs it (float32, batch 2)
   stage1_bfloat16 stage 1 at the paper batch (8 x 1280x720), bfloat16 with remat
   stage2_float32  the stage-2 step in float32 with remat
 
@@ -26,7 +27,8 @@ Each measurement runs in a child process (`--measure NAME`), so that its peak me
 its own and a hung compile can be killed. A failed or timed-out one prints a line with
 its error, and, while the time budget lasts, is run again with XLA's dump on; the buffer
 assignment, memory-usage report and HLO of those runs are packed into
-OUT/xla_dumps.tar.gz (at most 15 MiB). The whole run stays within --budget seconds.
+OUT/xla_dumps.tar.gz (at most 15 MiB). The measurements stay within --budget seconds;
+with start-up and packing the whole run takes at most 8 minutes.
 
 The check needs only JAX, flax, optax, orbax-checkpoint, numpy and pillow: it imports
 nothing of the data pipeline (grain, tensorflow-datasets, array-record) nor tensorboardX,
@@ -69,6 +71,7 @@ TIME_LIMITS = {'peak': 45, 'stage2_bfloat16': 150, 'parity_float32': 75, 'eval':
 # that the prepared device call allows.
 DEFAULT_BUDGET = 430
 SMOKE_BUDGET = 900
+DUMP_RESERVE = 100  # seconds kept, after a failure, for its run with XLA's dump
 DUMP_LIMIT_MIB = 15.0  # the device tool brings back files of at most 16 MiB
 # Dense bf16 matrix rate by the vendor's datasheets, TFLOP/s, by `device_kind`.
 DATASHEET_BF16_TFLOPS = {'NVIDIA H200': 989.4, 'NVIDIA H100 80GB HBM3': 989.4,
@@ -142,6 +145,10 @@ def _published(stage: str):
   ensure_config_dict()
   from fada_jax import config_lib  # pylint: disable=g-import-not-at-top
   return config_lib.make_config('g2c', stage)
+
+
+def _significant(value: float) -> float:
+  return float(f'{value:.4g}')
 
 
 def _size(width_height) -> str:
@@ -234,7 +241,6 @@ def _peak(smoke: bool) -> dict[str, Any]:
   import jaxlib  # pylint: disable=g-import-not-at-top
   device = jax.devices()[0]
   n = 256 if smoke else 8192
-  repeats = 3 if smoke else 20
 
   def rate(dtype) -> float:
     keys = jax.random.split(jax.random.PRNGKey(0), 4)
@@ -242,13 +248,23 @@ def _peak(smoke: bool) -> dict[str, Any]:
     pairs = [(jax.random.normal(keys[i], (n, n), dtype),
               jax.random.normal(keys[i + 2], (n, n), dtype)) for i in range(2)]
     product = jax.jit(jnp.matmul)
-    for a, b in pairs * 2:
-      product(a, b).block_until_ready()
-    start = time.perf_counter()
-    outputs = [product(*pairs[i % 2]) for i in range(repeats)]
-    jax.block_until_ready(outputs)
-    seconds = time.perf_counter() - start
-    return round(2 * n**3 * repeats / seconds / 1e12, 2)
+
+    def seconds(count: int) -> float:
+      start = time.perf_counter()
+      for i in range(count):
+        out = product(*pairs[i % 2])  # queued in order: blocking on the last waits for all
+      out.block_until_ready()
+      return time.perf_counter() - start
+
+    # Half a second of products first: compilation, and the clocks up from idle.
+    warm, count = 0.0, 0
+    while warm < 0.5:
+      warm += seconds(4)
+      count += 4
+    per_product = warm / count
+    repeats = max(3, int(0.1 / per_product))  # about 0.1 s a sample
+    samples = sorted(seconds(repeats) for _ in range(5))
+    return _significant(2 * n**3 * repeats / samples[2] / 1e12)  # the median sample
 
   return {'platform': device.platform, 'device_kind': device.device_kind,
           'devices': jax.device_count(), 'jax_version': jax.__version__,
@@ -340,12 +356,12 @@ def derived_rates(result: dict[str, Any], peak: dict[str, Any] | None) -> dict[s
   median = result.get('step_seconds_median')
   if not median:
     return {}
-  out = {'steps_per_second': round(1 / median, 3)}
+  out = {'steps_per_second': _significant(1 / median)}
   flops = result.get('flops_per_step')
   for key, field in (('mfu_measured_bf16', 'matmul_bf16_tflops'),
                      ('mfu_datasheet_bf16', 'datasheet_bf16_tflops')):
     tflops = (peak or {}).get(field)
-    out[key] = round(flops / median / (tflops * 1e12), 4) if flops and tflops else None
+    out[key] = _significant(flops / median / (tflops * 1e12)) if flops and tflops else None
   return out
 
 
@@ -426,17 +442,20 @@ class Driver:
   def run(self) -> int:
     names = self.args.only or MEASUREMENTS
     results: dict[str, dict[str, Any]] = {}
-    failed = []
+    failed, skipped = [], []
     for name in names:
-      if self.remaining() < min(30, 0.25 * self.limit_of(name)):
-        results[name] = {'error': f'skipped: {max(0, round(self.remaining()))} s of the '
-                                  'time budget left'}
-        failed.append(name)
+      # Once a measurement has failed, time is kept for running it again with the dump.
+      reserve = DUMP_RESERVE if failed and self.args.dump == 'failures' else 0
+      available = self.remaining() - reserve
+      if available < min(30, 0.25 * self.limit_of(name)):
+        results[name] = {'error': f'skipped: {max(0, round(available))} s of the time '
+                                  'budget left'}
+        skipped.append(name)
         continue
       dump = None
       if self.args.dump == 'always':
         dump = os.path.join(self.work, name)
-      results[name] = self.child(name, self.limit(name), dump)
+      results[name] = self.child(name, min(self.limit_of(name), available), dump)
       if dump:
         self.dumps[name] = dump
       if 'error' in results[name]:
@@ -447,12 +466,13 @@ class Driver:
     # (buffer assignment, memory report, HLO), so that one call brings back what is
     # needed to fix them.
     for name in failed:
-      if (self.args.dump == 'failures' and name not in self.dumps
-          and self.remaining() >= 10 and not results[name]['error'].startswith('skipped')):
+      if self.args.dump == 'failures' and name not in self.dumps and self.remaining() >= 10:
         dump = os.path.join(self.work, name)
         again = self.child(name, self.limit(name), dump)
         self.dumps[name] = dump
         results[name]['dump_run'] = {k: again[k] for k in ('error', 'wall_seconds') if k in again}
+      self.finish(name, results)
+    for name in skipped:
       self.finish(name, results)
     if self.dumps:
       self.emit(dict({'measurement': 'xla_dumps', 'ok': True, 'smoke': self.args.smoke},
