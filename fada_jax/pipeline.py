@@ -125,12 +125,6 @@ def _run_stage(stage_cfg, stage_dir: pathlib.Path) -> dict:
   return loop.train_and_evaluate(stage_cfg, stage_dir)
 
 
-def _barrier(name: str) -> None:
-  if jax.process_count() > 1:
-    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-    multihost_utils.sync_global_devices(name)
-
-
 def _pseudo_labels(stage_cfg, checkpoint_dir: pathlib.Path, out_dir: pathlib.Path) -> None:
   """Stage-2 predictions on the target training split into `out_dir`, atomically."""
   from fada_jax import evaluate  # pylint: disable=g-import-not-at-top
@@ -146,11 +140,11 @@ def _pseudo_labels(stage_cfg, checkpoint_dir: pathlib.Path, out_dir: pathlib.Pat
   if distributed.is_main_process():
     shutil.rmtree(partial, ignore_errors=True)
     partial.mkdir(parents=True)
-  _barrier('fada_pseudo_labels_start')
+  distributed.barrier('fada_pseudo_labels_start')
   _print(f'pseudo labels: {checkpoint_dir} on {stage_cfg.data.target} train -> {out_dir}')
   variables, _ = checkpoint_lib.load_model(checkpoint_dir)
   metrics = evaluate.write_pseudo_labels(stage_cfg, variables, partial, 'train')
-  _barrier('fada_pseudo_labels_written')
+  distributed.barrier('fada_pseudo_labels_written')
   if distributed.is_main_process():
     checkpoint_lib.write_json_atomic(partial / PSEUDO_LABEL_MARKER, {
         'checkpoint': str(checkpoint_dir), 'num_images': metrics.get('num_images'),
@@ -158,7 +152,7 @@ def _pseudo_labels(stage_cfg, checkpoint_dir: pathlib.Path, out_dir: pathlib.Pat
     if out_dir.exists():
       shutil.rmtree(out_dir)
     os.rename(partial, out_dir)
-  _barrier('fada_pseudo_labels_done')
+  distributed.barrier('fada_pseudo_labels_done')
 
 
 def _print(message: str) -> None:

@@ -130,6 +130,13 @@ def check_same_config(config, extra: str = '') -> None:
         'process the same --config, overrides and --workdir')
 
 
+def barrier(name: str) -> None:
+  """Every process waits here for the others (a no-op for one process)."""
+  if jax.process_count() > 1:
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    multihost_utils.sync_global_devices(name)
+
+
 def is_main_process() -> bool:
   return jax.process_index() == 0
 

@@ -392,7 +392,13 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
 
   try:
     for step in range(start_step + 1, stop_iter + 1):
-      state, metrics = step_fn(state, next(batches))
+      batch = next(batches)
+      if step == start_step + 1 and jax.process_count() > 1:
+        # Compile first, then meet: a process still compiling when another reaches the
+        # step's first cross-process collective makes gloo's 30 s set-up time out.
+        step_fn.lower(state, batch).compile()  # jit's call below reuses this executable
+        distributed.barrier('fada_step_compiled')
+      state, metrics = step_fn(state, batch)
       pending.add(step, metrics)
       if window_start is None:
         # The first step compiles; time the steady state from the end of it.
