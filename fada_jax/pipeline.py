@@ -28,7 +28,6 @@ import pathlib
 import shutil
 from typing import Any
 
-import jax
 
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
