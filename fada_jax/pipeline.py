@@ -28,7 +28,6 @@ import pathlib
 import shutil
 from typing import Any
 
-
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
 from fada_jax.constants import STAGES
