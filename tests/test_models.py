@@ -349,7 +349,11 @@ def test_bfloat16_compute_keeps_float32_params_and_outputs():
     assert outputs[dtype].dtype == jnp.float32
   scale = np.max(np.abs(outputs["float32"]))
   error = np.max(np.abs(outputs["bfloat16"] - outputs["float32"])) / scale
-  assert 0 < error < 0.1
+  # bfloat16 rounds to u = 2**-8 relative; ~20 rounded layers add up to about
+  # sqrt(20) u (2.4 u to 4.7 u measured over seeds). Above u / 4: the computation did run
+  # in bfloat16 (float32 alone differs by ~1e-6); below 16 u: nothing worse than rounding.
+  unit_roundoff = 2.0**-8
+  assert unit_roundoff / 4 < error < 16 * unit_roundoff, error
 
 
 def test_remat_gives_identical_outputs_and_gradients():
