@@ -19,7 +19,8 @@ from fada_jax import config_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
 from fada_jax.train import loop
-from tiny_runs import REPO, TINY, checkpoint_arrays, environment, main_command
+from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command,
+                       synthetic_target_val_miou)
 
 
 
@@ -33,7 +34,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
   env = environment(cache_dir)
   overrides = {'solver.stop_iter': 24, 'solver.checkpoint_every': 2,
-               'solver.keep_checkpoints': 2}
+               'solver.keep_checkpoints': 2, 'eval.save_predictions': True}
   straight = tmp_path / 'straight'
   result = _run(main_command('configs/demo.py', straight, overrides), env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -77,8 +78,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   for key in ('loss_seg', 'loss_adv_tgt', 'loss_D', 'loss_D_src', 'loss_D_tgt', 'lr'):
     assert np.isfinite(records[-1][key]), key
   assert 'images_per_second' in records[-1] and 'step_time' in records[-1]
+  # The final evaluation is of the final checkpoint: the mIoU of the masks it wrote.
   eval_metrics = json.loads((killed / 'eval' / 'metrics.json').read_text())
-  assert 0.0 <= eval_metrics['miou'] <= 1.0
+  assert eval_metrics['checkpoint'] == str(killed / 'checkpoints' / '24')
+  assert eval_metrics['miou'] == pytest.approx(
+      synthetic_target_val_miou(killed / 'eval' / 'predictions'), abs=1e-9)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
