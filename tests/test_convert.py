@@ -1,7 +1,7 @@
 """The torch weight importer: parity of converted weights and its refusals.
 
-Reference networks are written here in plain torch.nn with the release's (and
-torchvision's) module names, so their state dicts have the real key layout. They get
+Reference networks come from tests/torch_reference.py, in plain torch.nn with the
+release's (and torchvision's) module names, so their state dicts have the real key layout. They get
 random weights and calibrated, non-trivial BN statistics; the converted flax models must
 reproduce their outputs in float32.
 """
@@ -20,6 +20,8 @@ from torch import nn
 
 from fada_jax import checkpoint, config_lib, convert, models
 from fada_jax.errors import UserError
+from torch_reference import (ASPPClassifier, FeatureExtractor, FrozenBatchNorm2d,
+                             PixelDiscriminator, ResNet, deeplab_vgg_backbone, vgg16_features)
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 TOLERANCE = 1e-4  # max |flax - torch| relative to max |torch|
@@ -28,166 +30,6 @@ NUM_CLASSES = 7
 
 # ---------------------------------------------------------------------------------------
 # torch reference networks (release / torchvision layout).
-
-
-class FrozenBatchNorm2d(nn.Module):
-  """The release's FrozenBatchNorm2d: buffers only, rsqrt(var) without epsilon."""
-
-  def __init__(self, n):
-    super().__init__()
-    self.register_buffer('weight', torch.ones(n))
-    self.register_buffer('bias', torch.zeros(n))
-    self.register_buffer('running_mean', torch.zeros(n))
-    self.register_buffer('running_var', torch.ones(n))
-
-  def forward(self, x):
-    scale = self.weight * self.running_var.rsqrt()
-    bias = self.bias - self.running_mean * scale
-    return x * scale.reshape(1, -1, 1, 1) + bias.reshape(1, -1, 1, 1)
-
-
-class BasicBlock(nn.Module):
-  expansion = 1
-
-  def __init__(self, inplanes, planes, stride, dilation, downsample, norm):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 3, stride, dilation, dilation, bias=False)
-    self.bn1 = norm(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, 1, dilation, dilation, bias=False)
-    self.bn2 = norm(planes)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.bn2(self.conv2(out))
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + identity)
-
-
-class Bottleneck(nn.Module):
-  expansion = 4
-
-  def __init__(self, inplanes, planes, stride, dilation, downsample, norm):
-    super().__init__()
-    self.conv1 = nn.Conv2d(inplanes, planes, 1, bias=False)
-    self.bn1 = norm(planes)
-    self.conv2 = nn.Conv2d(planes, planes, 3, stride, dilation, dilation, bias=False)
-    self.bn2 = norm(planes)
-    self.conv3 = nn.Conv2d(planes, planes * 4, 1, bias=False)
-    self.bn3 = norm(planes * 4)
-    self.relu = nn.ReLU()
-    self.downsample = downsample
-
-  def forward(self, x):
-    out = self.relu(self.bn1(self.conv1(x)))
-    out = self.relu(self.bn2(self.conv2(out)))
-    out = self.bn3(self.conv3(out))
-    identity = x if self.downsample is None else self.downsample(x)
-    return self.relu(out + identity)
-
-
-RESNET_BLOCKS = {18: (BasicBlock, (2, 2, 2, 2)), 50: (Bottleneck, (3, 4, 6, 3)),
-                 101: (Bottleneck, (3, 4, 23, 3))}
-
-
-class ResNet(nn.Module):
-  """torchvision ResNet with replace_stride_with_dilation=[False, True, True]."""
-
-  def __init__(self, depth, width, norm, with_fc=False):
-    super().__init__()
-    block, counts = RESNET_BLOCKS[depth]
-    self.conv1 = nn.Conv2d(3, width, 7, 2, 3, bias=False)
-    self.bn1 = norm(width)
-    self.relu = nn.ReLU()
-    self.maxpool = nn.MaxPool2d(3, 2, 1)
-    inplanes, dilation = width, 1
-    for stage, count in enumerate(counts):
-      planes, stride = width * 2**stage, (1 if stage == 0 else 2)
-      previous_dilation = dilation
-      if stage >= 2:
-        dilation, stride = dilation * stride, 1
-      downsample = None
-      if stride != 1 or inplanes != planes * block.expansion:
-        downsample = nn.Sequential(
-            nn.Conv2d(inplanes, planes * block.expansion, 1, stride, bias=False),
-            norm(planes * block.expansion))
-      blocks = [block(inplanes, planes, stride, previous_dilation, downsample, norm)]
-      inplanes = planes * block.expansion
-      blocks += [block(inplanes, planes, 1, dilation, None, norm) for _ in range(count - 1)]
-      setattr(self, f'layer{stage + 1}', nn.Sequential(*blocks))
-    self.out_channels = inplanes
-    if with_fc:
-      self.fc = nn.Linear(inplanes, 10)
-
-  def forward(self, x):
-    x = self.maxpool(self.relu(self.bn1(self.conv1(x))))
-    return self.layer4(self.layer3(self.layer2(self.layer1(x))))
-
-
-VGG16_CFG = (64, 64, 'M', 128, 128, 'M', 256, 256, 256, 'M', 512, 512, 512, 'M',
-             512, 512, 512, 'M')
-
-
-def vgg16_features():
-  """torchvision's VGG-16 `features` Sequential (31 modules)."""
-  layers, in_channels = [], 3
-  for v in VGG16_CFG:
-    if v == 'M':
-      layers.append(nn.MaxPool2d(2, 2))
-    else:
-      layers += [nn.Conv2d(in_channels, v, 3, padding=1), nn.ReLU()]
-      in_channels = v
-  return nn.Sequential(*layers)
-
-
-def deeplab_vgg_backbone(features):
-  """The release's vgg_feature_extractor backbone: pool4/pool5 removed, conv5 dilated,
-  fc6/fc7 appended (indices 29 and 31)."""
-  kept = [features[i] for i in list(range(23)) + list(range(24, 30))]
-  for i in (23, 25, 27):
-    kept[i].dilation, kept[i].padding = (2, 2), (2, 2)
-  fc6 = nn.Conv2d(512, 1024, 3, padding=4, dilation=4)
-  fc7 = nn.Conv2d(1024, 1024, 3, padding=4, dilation=4)
-  return nn.Sequential(*kept, fc6, nn.ReLU(), fc7, nn.ReLU())
-
-
-class ASPPClassifier(nn.Module):
-
-  def __init__(self, in_channels, num_classes):
-    super().__init__()
-    self.conv2d_list = nn.ModuleList(
-        nn.Conv2d(in_channels, num_classes, 3, padding=d, dilation=d) for d in (6, 12, 18, 24))
-    for conv in self.conv2d_list:
-      conv.weight.data.normal_(0, 0.01)
-
-  def forward(self, x):
-    return sum(conv(x) for conv in self.conv2d_list)
-
-
-class PixelDiscriminator(nn.Module):
-
-  def __init__(self, in_channels, num_classes, ndf=256):
-    super().__init__()
-    self.D = nn.Sequential(nn.Conv2d(in_channels, ndf, 3, padding=1), nn.LeakyReLU(0.2),
-                           nn.Conv2d(ndf, ndf // 2, 3, padding=1), nn.LeakyReLU(0.2))
-    self.cls1 = nn.Conv2d(ndf // 2, num_classes, 3, padding=1)
-    self.cls2 = nn.Conv2d(ndf // 2, num_classes, 3, padding=1)
-
-  def forward(self, x):
-    out = self.D(x)
-    return torch.cat([self.cls1(out), self.cls2(out)], dim=1)
-
-
-class FeatureExtractor(nn.Module):
-  """Holds the backbone as `backbone`, giving the release's 'backbone.*' keys."""
-
-  def __init__(self, backbone):
-    super().__init__()
-    self.backbone = backbone
-
-  def forward(self, x):
-    return self.backbone(x)
 
 
 def _kaiming_convs(module):

@@ -285,7 +285,14 @@ def test_cli_eval_writes_metrics_csv_and_masks(data_root, model, tmp_path):
   assert "mIoU" in result.stdout and "bicycle" in result.stdout
   saved = json.loads((workdir / "eval" / "metrics.json").read_text())
   assert saved["num_images"] == len(CITIES) * NUM_VAL
-  assert len(saved["iou_per_class"]) == 19 and 0.0 <= saved["miou"] <= 1.0
+  assert len(saved["iou_per_class"]) == 19
+  pairs = []
+  for example in val_examples(make_config(data_root)):
+    with Image.open(workdir / "eval" / "predictions" / f"{example['name']}.png") as image:
+      pairs.append((np.asarray(image), example["label"]))
+  miou, allacc = brute_force_metrics(pairs)
+  assert saved["miou"] == pytest.approx(miou, abs=1e-9)
+  assert saved["allacc"] == pytest.approx(allacc, abs=1e-9)
   assert len(list(csv.reader(open(workdir / "eval" / "results.csv")))) == 2
   for kind in ("predictions", "color"):
     for city in CITIES:
@@ -406,4 +413,8 @@ def test_real_frame_evaluates_end_to_end(fixture_root, model, tmp_path):
           for p in prediction_files] == ["frankfurt/frankfurt_000000_000294.png"]
   with Image.open(prediction_files[0]) as image:
     assert image.size == (256, 128)
-  assert 0.0 <= metrics["allacc"] <= 1.0 and np.isfinite(metrics["miou"])
+  (example,) = val_examples(config)
+  with Image.open(prediction_files[0]) as image:
+    miou, allacc = brute_force_metrics([(np.asarray(image), example["label"])])
+  assert metrics["miou"] == pytest.approx(miou, abs=1e-9)
+  assert metrics["allacc"] == pytest.approx(allacc, abs=1e-9)

@@ -19,7 +19,8 @@ from fada_jax import config_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
 from fada_jax.train import loop
-from tiny_runs import REPO, TINY, checkpoint_arrays, environment, main_command
+from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command,
+                       synthetic_target_val_miou)
 
 
 
@@ -33,7 +34,7 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
   env = environment(cache_dir)
   overrides = {'solver.stop_iter': 24, 'solver.checkpoint_every': 2,
-               'solver.keep_checkpoints': 2}
+               'solver.keep_checkpoints': 2, 'eval.save_predictions': True}
   straight = tmp_path / 'straight'
   result = _run(main_command('configs/demo.py', straight, overrides), env)
   assert result.returncode == 0, result.stderr[-3000:]
@@ -77,8 +78,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   for key in ('loss_seg', 'loss_adv_tgt', 'loss_D', 'loss_D_src', 'loss_D_tgt', 'lr'):
     assert np.isfinite(records[-1][key]), key
   assert 'images_per_second' in records[-1] and 'step_time' in records[-1]
+  # The final evaluation is of the final checkpoint: the mIoU of the masks it wrote.
   eval_metrics = json.loads((killed / 'eval' / 'metrics.json').read_text())
-  assert 0.0 <= eval_metrics['miou'] <= 1.0
+  assert eval_metrics['checkpoint'] == str(killed / 'checkpoints' / '24')
+  assert eval_metrics['miou'] == pytest.approx(
+      synthetic_target_val_miou(killed / 'eval' / 'predictions'), abs=1e-9)
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
@@ -137,31 +141,59 @@ def test_init_checkpoint_with_other_classes_is_one_clear_error(tmp_path):
     loop.train(config, tmp_path / 'run2')
 
 
-def test_imagenet_fills_the_backbone_and_stage_one_fills_backbone_and_classifier(tmp_path):
+def test_init_checkpoint_parts_follow_the_release(tmp_path, capsys):
+  """ImageNet fills the backbone; a FADA checkpoint the backbone and classifier, and in
+  stage 2 also the discriminator when it holds one (a released stage-2 model continues);
+  one printed line says what was loaded and what is fresh."""
   config = _tiny_config('adversarial')
   models = models_lib.build(config)
   rng = jax.random.PRNGKey(0)
   abstract = jax.eval_shape(lambda r: models_lib.init_variables(models, r, config), rng)
   marked = jax.tree_util.tree_map(lambda x: np.full(x.shape, 0.5, x.dtype), abstract)
   is_marked = lambda tree: all(np.all(np.asarray(v) == 0.5) for v in jax.tree_util.tree_leaves(tree))
+  fresh = jax.device_get(models_lib.init_variables(models, rng, config))
+
+  def is_fresh(part, tree):
+    return all(np.array_equal(a, b) for a, b in zip(jax.tree_util.tree_leaves(tree),
+                                                    jax.tree_util.tree_leaves(fresh[part])))
+
+  def initial(source, stage='adversarial'):
+    config.init_checkpoint, config.stage = str(source), stage
+    capsys.readouterr()
+    variables = jax.device_get(loop.initial_variables(config, models, rng))
+    return variables, capsys.readouterr().out.splitlines()
 
   imagenet = checkpoint_lib.save_model(
       tmp_path / 'imagenet', {'feature_extractor': marked['feature_extractor']},
       {'arch': 'resnet18', 'num_classes': None, 'kind': 'imagenet'})
-  config.init_checkpoint = str(imagenet)
-  from_imagenet = jax.device_get(loop.initial_variables(config, models, rng))
-  assert is_marked(from_imagenet['feature_extractor'])
-  assert not any(np.all(np.asarray(v) == 0.5) for part in ('classifier', 'discriminator')
-                 for v in jax.tree_util.tree_leaves(from_imagenet[part]))
+  variables, printed = initial(imagenet)
+  assert is_marked(variables['feature_extractor'])
+  assert is_fresh('classifier', variables['classifier'])
+  assert is_fresh('discriminator', variables['discriminator'])
+  assert printed == [f'initial variables: loaded feature_extractor from {imagenet}; '
+                     'fresh classifier, discriminator']
 
-  # A FADA checkpoint (stage 1's, here holding a discriminator too) fills the feature
-  # extractor and the classifier; stage 2 trains a fresh discriminator.
-  stage_one = checkpoint_lib.save_model(tmp_path / 'stage1', marked,
+  stage_one = checkpoint_lib.save_model(
+      tmp_path / 'stage1', {k: marked[k] for k in ('feature_extractor', 'classifier')},
+      {'arch': 'resnet18', 'num_classes': 19, 'kind': 'fada'})
+  variables, printed = initial(stage_one)
+  assert is_marked(variables['feature_extractor']) and is_marked(variables['classifier'])
+  assert is_fresh('discriminator', variables['discriminator'])
+  assert printed == [f'initial variables: loaded feature_extractor, classifier from '
+                     f'{stage_one}; fresh discriminator']
+
+  stage_two = checkpoint_lib.save_model(tmp_path / 'stage2', marked,
                                         {'arch': 'resnet18', 'num_classes': 19, 'kind': 'fada'})
-  config.init_checkpoint = str(stage_one)
-  from_stage_one = jax.device_get(loop.initial_variables(config, models, rng))
-  assert is_marked(from_stage_one['feature_extractor'])
-  assert is_marked(from_stage_one['classifier'])
-  for got, fresh in zip(jax.tree_util.tree_leaves(from_stage_one['discriminator']),
-                        jax.tree_util.tree_leaves(from_imagenet['discriminator'])):
-    np.testing.assert_array_equal(got, fresh)
+  variables, printed = initial(stage_two)
+  assert all(is_marked(variables[part]) for part in marked)
+  assert printed == [f'initial variables: loaded feature_extractor, classifier, '
+                     f'discriminator from {stage_two}']
+
+  # Stage 3 restarts from it without a discriminator (it trains none).
+  variables, printed = initial(stage_two, 'self_distill')
+  assert is_marked(variables['feature_extractor']) and is_marked(variables['classifier'])
+  assert printed == [f'initial variables: loaded feature_extractor, classifier from '
+                     f'{stage_two}']
+
+  variables, printed = initial('', 'source_only')
+  assert printed == ['initial variables: fresh feature_extractor, classifier']

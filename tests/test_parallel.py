@@ -1,4 +1,9 @@
-"""Data parallelism: 4 simulated devices (tests/conftest.py) equal 1 on the same global batch."""
+"""Data parallelism: 4 simulated devices (tests/conftest.py) equal 1 on the same global batch.
+
+Equal up to float rounding: the two programs sum the batch in another order. The
+comparison is made where rounding stays at rounding size (see
+test_four_devices_equal_one_device_with_trainable_bn), so it holds on any machine.
+"""
 
 import jax
 import numpy as np
@@ -20,6 +25,7 @@ def _config(stage='source_only', batch_size=4):
 
 
 def _train(config, mesh, variables, batches):
+  """(host state after the first step, the loss of every step)."""
   network = models.build(config)
   state = state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(0))
   shardings = parallel.state_sharding(state, mesh)
@@ -27,11 +33,13 @@ def _train(config, mesh, variables, batches):
   step = parallel.jit_step(steps.make_step(config, network, state, matmul_convs=False), mesh,
                            shardings)
   state = jax.device_put(state, shardings)
-  history = []
+  history, first = [], None
   for batch in batches:
     state, metrics = step(state, parallel.shard_batch(batch, mesh))
     history.append(float(metrics['loss_seg']))
-  return jax.device_get(state), history
+    if first is None:
+      first = jax.device_get(state)
+  return first, history
 
 
 def test_four_devices_equal_one_device_with_trainable_bn():
@@ -40,6 +48,13 @@ def test_four_devices_equal_one_device_with_trainable_bn():
   variables = jax.tree_util.tree_map(
       np.asarray, models.init_variables(models.build(config), jax.random.PRNGKey(0), config))
   rng = np.random.default_rng(0)
+  # BN affines of a trained network rather than the init's zero biases: a leaf that
+  # starts at zero is, after one step, its gradient alone, whose rounding is not small.
+  for block in jax.tree_util.tree_leaves(
+      variables['feature_extractor']['params'], is_leaf=lambda node: 'scale' in node):
+    if isinstance(block, dict) and 'scale' in block:
+      block['scale'] = (1 + 0.2 * rng.standard_normal(block['scale'].shape)).astype(np.float32)
+      block['bias'] = (0.2 * rng.standard_normal(block['bias'].shape)).astype(np.float32)
   batches = []
   for _ in range(2):
     labels = rng.integers(0, 5, (4, 32, 32)).astype(np.uint8)
@@ -49,13 +64,24 @@ def test_four_devices_equal_one_device_with_trainable_bn():
   one_state, one_losses = _train(config, parallel.make_mesh(jax.devices()[:1]), variables,
                                  batches)
   four_state, four_losses = _train(config, parallel.make_mesh(), variables, batches)
+  # Losses are means of positive terms (well conditioned); the second one depends on
+  # every update of the first step.
   np.testing.assert_allclose(four_losses, one_losses, rtol=1e-5)
+  # After one step: the running statistics (global means, forward only) and the
+  # parameters p - lr * (g + wd p), where the gradient's rounding enters scaled by lr.
+  # Not the gradients themselves (the SGD traces): BN's bias and scale gradients are
+  # sums of terms that cancel heavily, whose rounding is far above rounding size and
+  # machine dependent; nor states after several steps, which compound it.
+  worst = 0.0
   for tree in ('params', 'batch_stats'):
     one = jax.tree_util.tree_leaves_with_path(getattr(one_state, tree))
     four = jax.tree_util.tree_leaves(getattr(four_state, tree))
     for (path, a), b in zip(one, four):
       scale = max(float(np.max(np.abs(a))), 1e-6)
-      assert float(np.max(np.abs(a - b))) / scale < 2e-5, jax.tree_util.keystr(path)
+      error = float(np.max(np.abs(a - b))) / scale
+      worst = max(worst, error)
+      assert error < 2e-5, jax.tree_util.keystr(path)
+  print(f'\n1 vs 4 devices after one step: worst error/scale {worst:.1e}')
   # The running statistics moved, so the comparison above covers the BN sync.
   initial = variables['feature_extractor']['batch_stats']
   moved = [float(np.max(np.abs(a - b))) for a, b in zip(

@@ -16,12 +16,13 @@ from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
 from fada_jax import pipeline
 from fada_jax.data import synthetic
-from tiny_runs import REPO, TINY, environment, main_command
+from tiny_runs import REPO, TINY, environment, main_command, synthetic_target_val_miou
 
 STAGES = ('source_only', 'adversarial', 'self_distill')
 STEPS = 4
 FRAMES = TINY['data.synthetic_size']
-PIPELINE = {'solver.stop_iter': STEPS, 'solver.checkpoint_every': 2}
+PIPELINE = {'solver.stop_iter': STEPS, 'solver.checkpoint_every': 2,
+            'eval.save_predictions': True}
 
 
 def _run_pipeline(workdir, cache_dir):
@@ -39,7 +40,9 @@ def test_pipeline_runs_the_three_stages_and_resumes_as_done(tmp_path, cache_dir)
   summary = json.loads((workdir / 'summary.json').read_text())
   assert sorted(summary) == sorted(STAGES)
   for stage in STAGES:
-    assert 0.0 <= summary[stage]['miou'] <= 1.0
+    # The mIoU of the masks that stage's evaluation wrote, counted independently.
+    assert summary[stage]['miou'] == pytest.approx(
+        synthetic_target_val_miou(workdir / stage / 'eval' / 'predictions'), abs=1e-9)
     assert len(summary[stage]['iou_per_class']) == 19
     # The table after each stage names it with its mIoU.
     assert f"{stage}" in result.stdout

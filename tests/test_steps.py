@@ -1,24 +1,41 @@
-"""Training steps and optimisers against a PyTorch transcription of the release's step.
+"""Training steps and optimisers against the release's iterations restated in torch.
 
-The torch side is written here from the method description (FADA_REFERENCE.md and the
-release's train_adv.py): a functional torch ResNet-18/ASPP/discriminator that reads the
-same weights, torch.optim.SGD / Adam, and the release's order of operations.
+The torch side is tests/torch_reference.py: the release's networks (state dicts in the
+release's key layout) and its `train_src` / `train_adv` / `train_self_distill` iterations
+with torch.optim. Each parity run writes the torch networks as a release checkpoint,
+converts it with the project's converter and starts the JAX run from it through
+`config.init_checkpoint`, as a user continuing from a released model would; the torch
+networks after the steps are converted the same way to compare every parameter and
+running statistic. The JAX steps run on the 4 simulated devices of tests/conftest.py, so
+trainable BN is checked against torch BN over the whole batch (the release's SyncBatchNorm).
 """
+
+import contextlib
+import io
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
+from torch import nn
 
-from fada_jax import config_lib, losses, models
+import torch_reference
+from fada_jax import config_lib, convert, losses, models
 from fada_jax.errors import UserError
-from fada_jax.train import parallel, state as state_lib, steps
+from fada_jax.train import loop, parallel, state as state_lib, steps
 
 WIDTH = 8
 NUM_CLASSES = 5
 BASE_LR, BASE_LR_D, MAX_ITER = 0.005, 1e-4, 10
+STEPS = 2
+# Losses: float32 rounding of the same sums in another order, relative.
+LOSS_TOLERANCE = 1e-5
+# Parameters and running statistics: max |jax - torch| over each leaf's max |torch|.
+LEAF_TOLERANCE = 1e-5
+# The change over the steps, norm-wise relative: an update far below a leaf's scale
+# cannot hide behind LEAF_TOLERANCE.
+UPDATE_TOLERANCE = 1e-3
 
 
 def _config(stage, freeze_bn=True, **model):
@@ -52,204 +69,10 @@ def _variables(config, seed=0):
   return jax.tree_util.tree_map_with_path(perturb, variables)
 
 
-def _flat(tree):
-  return {jax.tree_util.keystr(path): np.asarray(leaf)
-          for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
 def _rel(a, b):
   """Norm-wise relative error ||a - b|| / ||b||."""
   a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
   return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-# ------------------------------------------------------------------ torch transcription
-
-
-class TorchFADA:
-  """The release's networks and `train_adv` iteration, functional torch on given weights."""
-
-  def __init__(self, variables, frozen_bn):
-    def tensors(tree):
-      out = {}
-      for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-        key = '/'.join(str(k.key) for k in path)
-        value = np.asarray(leaf, np.float32)
-        if key.endswith('kernel'):
-          value = value.transpose(3, 2, 0, 1)  # HWIO -> OIHW
-        out[key] = torch.tensor(np.ascontiguousarray(value))
-      return out
-
-    self.frozen_bn = frozen_bn
-    self.fe = tensors(variables['feature_extractor']['params'])
-    self.stats = tensors(variables['feature_extractor']['batch_stats'])
-    self.cls = tensors(variables['classifier']['params'])
-    self.disc = tensors(variables['discriminator']['params'])
-    # Frozen BN weight/bias are buffers in the release: not given to the optimiser.
-    fe_trainable = [v for k, v in self.fe.items()
-                    if not (frozen_bn and 'bn' in k.split('/')[-2])]
-    for value in fe_trainable + list(self.cls.values()) + list(self.disc.values()):
-      value.requires_grad_(True)
-    self.opt_fea = torch.optim.SGD(fe_trainable, lr=BASE_LR, momentum=0.9, weight_decay=5e-4)
-    self.opt_cls = torch.optim.SGD(list(self.cls.values()), lr=BASE_LR * 10, momentum=0.9,
-                                   weight_decay=5e-4)
-    self.opt_d = torch.optim.Adam(list(self.disc.values()), lr=BASE_LR_D, betas=(0.9, 0.99))
-
-  def _bn(self, x, name):
-    weight, bias = self.fe[name + '/scale'], self.fe[name + '/bias']
-    mean, var = self.stats[name + '/mean'], self.stats[name + '/var']
-    if self.frozen_bn:
-      scale = weight * var.rsqrt()
-      shift = bias - mean * scale
-      return x * scale.reshape(1, -1, 1, 1) + shift.reshape(1, -1, 1, 1)
-    return F.batch_norm(x, mean, var, weight, bias, training=True, momentum=0.1, eps=1e-5)
-
-  def features(self, x):
-    """torchvision ResNet-18, layer3/4 dilated (2, 4), both convs of a block dilated."""
-    p = self.fe
-    x = F.relu(self._bn(F.conv2d(x, p['conv1/kernel'], stride=2, padding=3), 'bn1'))
-    x = F.max_pool2d(x, 3, 2, 1)
-    in_channels, dilation = WIDTH, 1
-    for stage in range(4):
-      planes, stride, previous = WIDTH * 2**stage, (1 if stage == 0 else 2), dilation
-      if stage >= 2:
-        dilation, stride = dilation * stride, 1
-      for j in range(2):
-        name = f'layer{stage + 1}_{j}'
-        s, d = (stride, previous) if j == 0 else (1, dilation)
-        out = F.conv2d(x, p[name + '/conv1/kernel'], stride=s, padding=d, dilation=d)
-        out = F.relu(self._bn(out, name + '/bn1'))
-        out = self._bn(F.conv2d(out, p[name + '/conv2/kernel'], padding=d, dilation=d),
-                       name + '/bn2')
-        if j == 0 and (s != 1 or in_channels != planes):
-          x = self._bn(F.conv2d(x, p[name + '/downsample_conv/kernel'], stride=s),
-                       name + '/downsample_bn')
-        x = F.relu(out + x)
-        in_channels = planes
-    return x
-
-  def classifier(self, x, size):
-    out = sum(F.conv2d(x, self.cls[f'conv_{i}/kernel'], self.cls[f'conv_{i}/bias'],
-                       padding=d, dilation=d) for i, d in enumerate((6, 12, 18, 24)))
-    return F.interpolate(out, size=size, mode='bilinear', align_corners=True)
-
-  def discriminator(self, x, size):
-    p = self.disc
-    x = F.leaky_relu(F.conv2d(x, p['conv1/kernel'], p['conv1/bias'], padding=1), 0.2)
-    x = F.leaky_relu(F.conv2d(x, p['conv2/kernel'], p['conv2/bias'], padding=1), 0.2)
-    out = torch.cat([F.conv2d(x, p['cls_source/kernel'], p['cls_source/bias'], padding=1),
-                     F.conv2d(x, p['cls_target/kernel'], p['cls_target/bias'], padding=1)], 1)
-    return F.interpolate(out, size=size, mode='bilinear', align_corners=True)
-
-  def adversarial_step(self, iteration, src_input, src_label, tgt_input):
-    """train_adv.py's loop body."""
-    def soft_ce(pred, soft):
-      return torch.mean(torch.sum(-soft * F.log_softmax(pred, dim=1), dim=1))
-
-    lr = BASE_LR * (1 - iteration / MAX_ITER) ** 0.9
-    lr_d = BASE_LR_D * (1 - iteration / MAX_ITER) ** 0.9
-    for group in self.opt_fea.param_groups:
-      group['lr'] = lr
-    for group in self.opt_cls.param_groups:
-      group['lr'] = lr * 10
-    for group in self.opt_d.param_groups:
-      group['lr'] = lr_d
-    for optimizer in (self.opt_fea, self.opt_cls, self.opt_d):
-      optimizer.zero_grad()
-    src_size, tgt_size = src_input.shape[-2:], tgt_input.shape[-2:]
-    src_fea = self.features(src_input)
-    src_pred = self.classifier(src_fea, src_size) / 1.8
-    loss_seg = torch.nn.CrossEntropyLoss(ignore_index=255)(src_pred, src_label)
-    loss_seg.backward()
-    src_soft = F.softmax(src_pred, dim=1).detach()
-    src_soft[src_soft > 0.9] = 0.9
-    tgt_fea = self.features(tgt_input)
-    tgt_pred = self.classifier(tgt_fea, tgt_size) / 1.8
-    tgt_soft = F.softmax(tgt_pred, dim=1).detach()
-    tgt_soft[tgt_soft > 0.9] = 0.9
-    tgt_d = self.discriminator(tgt_fea, tgt_size)
-    loss_adv_tgt = 0.001 * soft_ce(tgt_d, torch.cat((tgt_soft, torch.zeros_like(tgt_soft)), 1))
-    loss_adv_tgt.backward()
-    self.opt_fea.step()
-    self.opt_cls.step()
-    self.opt_d.zero_grad()
-    src_d = self.discriminator(src_fea.detach(), src_size)
-    loss_d_src = 0.5 * soft_ce(src_d, torch.cat((src_soft, torch.zeros_like(src_soft)), 1))
-    loss_d_src.backward()
-    tgt_d = self.discriminator(tgt_fea.detach(), tgt_size)
-    loss_d_tgt = 0.5 * soft_ce(tgt_d, torch.cat((torch.zeros_like(tgt_soft), tgt_soft), 1))
-    loss_d_tgt.backward()
-    self.opt_d.step()
-    return {'loss_seg': loss_seg.item(), 'loss_adv_tgt': loss_adv_tgt.item(),
-            'loss_D_src': loss_d_src.item(), 'loss_D_tgt': loss_d_tgt.item(),
-            'loss_D': loss_d_src.item() + loss_d_tgt.item(), 'lr': lr}
-
-
-def _adversarial_batches(seed=0, count=2):
-  rng = np.random.default_rng(seed)
-  batches = []
-  for _ in range(count):
-    labels = rng.integers(0, NUM_CLASSES, (4, 48, 64)).astype(np.uint8)
-    labels[rng.random(labels.shape) < 0.2] = 255
-    batches.append({
-        'source_image': rng.standard_normal((4, 48, 64, 3)).astype(np.float32),
-        'source_label': labels,
-        'target_image': rng.standard_normal((4, 40, 56, 3)).astype(np.float32),
-    })
-  return batches
-
-
-def _nchw(x):
-  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
-
-
-@pytest.fixture(scope='module')
-def adversarial_run():
-  """Two stage-2 steps, JAX on the 4-device mesh and torch, from the same weights."""
-  config = _config('adversarial')
-  network = models.build(config)
-  variables = jax.tree_util.tree_map(np.asarray, _variables(config))  # host copy: donation
-  state = state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(0))
-  mesh = parallel.make_mesh()
-  shardings = parallel.state_sharding(state, mesh)
-  step = parallel.jit_step(steps.make_step(config, network, state), mesh, shardings)
-  state = jax.device_put(state, shardings)
-  reference = TorchFADA(variables, frozen_bn=True)
-  jax_metrics, torch_metrics = [], []
-  for i, batch in enumerate(_adversarial_batches()):
-    state, metrics = step(state, parallel.shard_batch(batch, mesh))
-    jax_metrics.append({k: float(v) for k, v in metrics.items()})
-    torch_metrics.append(reference.adversarial_step(
-        i, _nchw(batch['source_image']), torch.from_numpy(batch['source_label'].astype(np.int64)),
-        _nchw(batch['target_image'])))
-  return dict(config=config, variables=variables, state=jax.device_get(state),
-              reference=reference, jax_metrics=jax_metrics, torch_metrics=torch_metrics)
-
-
-def test_adversarial_losses_match_torch(adversarial_run):
-  for jax_metrics, torch_metrics in zip(adversarial_run['jax_metrics'],
-                                        adversarial_run['torch_metrics']):
-    for name in ('loss_seg', 'loss_adv_tgt', 'loss_D', 'loss_D_src', 'loss_D_tgt', 'lr'):
-      assert jax_metrics[name] == pytest.approx(torch_metrics[name], rel=1e-5), name
-
-
-def test_adversarial_parameters_match_torch(adversarial_run):
-  state, reference = adversarial_run['state'], adversarial_run['reference']
-  initial = adversarial_run['variables']
-  for module, torch_params in (('feature_extractor', reference.fe),
-                               ('classifier', reference.cls), ('discriminator', reference.disc)):
-    jax_params = state.params[module]
-    for path, leaf in jax.tree_util.tree_flatten_with_path(jax_params)[0]:
-      key = '/'.join(str(k.key) for k in path)
-      got = np.asarray(leaf)
-      start = np.asarray(_tree_get(initial[module]['params'], path))
-      expected = torch_params[key].detach().numpy()
-      if key.endswith('kernel'):
-        expected = expected.transpose(2, 3, 1, 0)
-      assert _rel(got, expected) < 1e-5, (module, key)
-      # The updates themselves, so that a tiny learning rate cannot hide a wrong step.
-      if np.any(expected != start):
-        assert _rel(got - start, expected - start) < 1e-3, (module, key)
 
 
 def _tree_get(tree, path):
@@ -258,27 +81,217 @@ def _tree_get(tree, path):
   return tree
 
 
-def test_frozen_bn_receives_no_update_and_no_optimiser_state(adversarial_run):
-  state, initial = adversarial_run['state'], adversarial_run['variables']['feature_extractor']
-  changed_kernels = 0
-  for path, leaf in jax.tree_util.tree_flatten_with_path(state.params['feature_extractor'])[0]:
-    name = jax.tree_util.keystr(path)
-    before = np.asarray(_tree_get(initial['params'], path))
-    if "'scale'" in name or "'bias'" in name:
-      np.testing.assert_array_equal(np.asarray(leaf), before, err_msg=name)
-    else:
-      changed_kernels += int(np.any(np.asarray(leaf) != before))
-  assert changed_kernels > 0
-  for got, before in zip(jax.tree_util.tree_leaves(state.batch_stats['feature_extractor']),
-                         jax.tree_util.tree_leaves(initial['batch_stats'])):
-    np.testing.assert_array_equal(np.asarray(got), np.asarray(before))
-  # Masked leaves carry no momentum buffers: only kernels have SGD traces.
+# ------------------------------------------------------------------ torch <-> converted
+
+
+def _release_networks(freeze_bn, seed, discriminator):
+  """The release's modules: ResNet-18 (width 8) with frozen or trainable BN and random
+  non-trivial BN statistics, ASPP with its N(0, 0.01) init, torch's default D init."""
+  torch.manual_seed(seed)
+  norm = torch_reference.FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
+  backbone = torch_reference.randomize(torch_reference.ResNet(18, WIDTH, norm), seed)
+  feature_extractor = torch_reference.FeatureExtractor(backbone)
+  classifier = torch_reference.ASPPClassifier(backbone.out_channels, NUM_CLASSES)
+  disc = (torch_reference.PixelDiscriminator(backbone.out_channels, NUM_CLASSES)
+          if discriminator else None)
+  return feature_extractor, classifier, disc
+
+
+def _release_file(folder, name, networks, iteration):
+  """The networks as a release checkpoint: 'module.' prefixes, the release's extra entries."""
+  path = folder / f'{name}.pth'
+  checkpoint = torch_reference.fada_checkpoint(*networks, ddp_prefix=True, iteration=iteration)
+  checkpoint['optimizer_fea'] = {'state': {}, 'param_groups': []}
+  torch.save(checkpoint, path)
+  return path
+
+
+def _nchw(x):
+  return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))
+
+
+def _images(rng, shape):
+  """Rows of different scales: BN statistics per device differ from the global ones."""
+  spread = 1.0 + 0.5 * np.arange(shape[0], dtype=np.float32)[:, None, None, None]
+  return (rng.standard_normal(shape).astype(np.float32) * spread)
+
+
+def _labels(rng, shape):
+  labels = rng.integers(0, NUM_CLASSES, shape).astype(np.uint8)
+  labels[rng.random(shape) < 0.2] = 255
+  labels[0, : shape[1] // 2] = 255  # uneven ignore counts across devices
+  return labels
+
+
+def _segmentation_batches(seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'image': _images(rng, (8, 48, 64, 3)), 'label': _labels(rng, (8, 48, 64))}
+          for _ in range(STEPS)]
+
+
+def _adversarial_batches(seed=0):
+  rng = np.random.default_rng(seed)
+  return [{'source_image': _images(rng, (4, 48, 64, 3)),
+           'source_label': _labels(rng, (4, 48, 64)),
+           'target_image': _images(rng, (4, 40, 56, 3))} for _ in range(STEPS)]
+
+
+def _jax_steps(config, variables, batches):
+  """`STEPS` steps of config.stage on the 4-device mesh; (host state, [metrics])."""
+  network = models.build(config)
+  variables = jax.tree_util.tree_map(np.asarray, variables)  # host copy: donation
+  state = state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(0))
+  mesh = parallel.make_mesh()
+  assert mesh.size == 4, 'tests/conftest.py provides 4 CPU devices'
+  shardings = parallel.state_sharding(state, mesh)
+  step = parallel.jit_step(steps.make_step(config, network, state), mesh, shardings)
+  state = jax.device_put(state, shardings)
+  history = []
+  for batch in batches:
+    state, metrics = step(state, parallel.shard_batch(batch, mesh))
+    history.append({k: float(v) for k, v in metrics.items()})
+  return jax.device_get(state), history
+
+
+def _run(tmp_path_factory, stage, freeze_bn):
+  """The same `STEPS` steps in JAX (from the converted release checkpoint) and in torch."""
+  folder = tmp_path_factory.mktemp(f'{stage}_{"frozen" if freeze_bn else "trainable"}')
+  adversarial = stage == 'adversarial'
+  networks = _release_networks(freeze_bn, seed=1, discriminator=adversarial)
+  config = _config(stage, freeze_bn=freeze_bn)
+  converted = folder / 'initial'
+  convert.convert_and_save(_release_file(folder, 'initial', networks, iteration=18000),
+                           converted, 'resnet18', progress=False)
+  config.init_checkpoint = str(converted)
+  printed = io.StringIO()
+  with contextlib.redirect_stdout(printed):
+    variables = loop.initial_variables(config, models.build(config), jax.random.PRNGKey(3))
+
+  trainer = torch_reference.ReleaseTrainer(*networks, base_lr=BASE_LR, base_lr_d=BASE_LR_D,
+                                           max_iter=MAX_ITER)
+  torch_metrics = []
+  if adversarial:
+    batches = _adversarial_batches()
+    for i, batch in enumerate(batches):
+      torch_metrics.append(trainer.adversarial_step(
+          _nchw(batch['source_image']), torch.from_numpy(batch['source_label'].astype(np.int64)),
+          _nchw(batch['target_image']), iteration=i))
+  else:
+    batches = _segmentation_batches()
+    for i, batch in enumerate(batches):
+      torch_metrics.append(trainer.segmentation_step(
+          _nchw(batch['image']), torch.from_numpy(batch['label'].astype(np.int64)),
+          iteration=i))
+  state, jax_metrics = _jax_steps(config, variables, batches)
+  expected = convert.convert_file(_release_file(folder, 'trained', networks, iteration=0),
+                                  'resnet18', progress=False).variables
+  return dict(config=config, initial=jax.device_get(variables), state=state, expected=expected,
+              jax_metrics=jax_metrics, torch_metrics=torch_metrics,
+              printed=printed.getvalue(), init_checkpoint=str(converted))
+
+
+def _compare_losses(run, names):
+  worst = 0.0
+  for jax_metrics, torch_metrics in zip(run['jax_metrics'], run['torch_metrics']):
+    for name in names:
+      error = abs(jax_metrics[name] - torch_metrics[name]) / abs(torch_metrics[name])
+      worst = max(worst, error)
+      assert error <= LOSS_TOLERANCE, (name, jax_metrics[name], torch_metrics[name])
+  return worst
+
+
+def _compare_variables(run):
+  """Every parameter and running statistic after the steps against torch's.
+
+  SGD leaves and running statistics: max |jax - torch| <= LEAF_TOLERANCE of the leaf's
+  max |torch|. Adam leaves (the discriminator): Adam divides each gradient element by its
+  own running RMS, so an element whose gradient is at rounding level moves by up to the
+  learning rate whatever its rounding; their bound is norm-wise over the leaf instead.
+  Returns the worst (max-wise error, norm-wise error, update error).
+  """
+  state, expected, initial = run['state'], run['expected'], run['initial']
+  got = {part: {'params': state.params[part]} for part in state.params}
+  got['feature_extractor']['batch_stats'] = state.batch_stats['feature_extractor']
+  worst_leaf = worst_norm = worst_update = 0.0
+  moved = 0
+  for part in got:
+    for path, leaf in jax.tree_util.tree_flatten_with_path(got[part])[0]:
+      name = f'{part}{jax.tree_util.keystr(path)}'
+      want = np.asarray(_tree_get(expected[part], path), np.float64)
+      leaf = np.asarray(leaf, np.float64)
+      start = np.asarray(_tree_get(initial[part], path), np.float64)
+      error = float(np.max(np.abs(leaf - want)) / np.max(np.abs(want)))
+      norm_error = _rel(leaf, want)
+      worst_leaf, worst_norm = max(worst_leaf, error), max(worst_norm, norm_error)
+      if part == 'discriminator':
+        assert norm_error <= LEAF_TOLERANCE, (name, norm_error)
+      else:
+        assert error <= LEAF_TOLERANCE, (name, error)
+      if np.any(want != start):
+        moved += 1
+        update_error = _rel(leaf - start, want - start)
+        worst_update = max(worst_update, update_error)
+        assert update_error <= UPDATE_TOLERANCE, (name, update_error)
+      else:
+        np.testing.assert_array_equal(leaf, start, err_msg=name)
+  assert moved > 0
+  return worst_leaf, worst_norm, worst_update
+
+
+SEGMENTATION_RUNS = [('source_only', True), ('source_only', False),
+                     ('self_distill', True), ('self_distill', False)]
+
+
+@pytest.fixture(scope='module', params=SEGMENTATION_RUNS,
+                ids=[f'{s}-{"frozen" if f else "trainable"}_bn' for s, f in SEGMENTATION_RUNS])
+def segmentation_run(request, tmp_path_factory):
+  return _run(tmp_path_factory, *request.param)
+
+
+def test_segmentation_steps_match_the_release(segmentation_run):
+  """Stages 1 and 3: losses, parameters and (trainable BN) running statistics."""
+  loss_error = _compare_losses(segmentation_run, ('loss_seg', 'lr'))
+  leaf_error, norm_error, update_error = _compare_variables(segmentation_run)
+  config = segmentation_run['config']
+  print(f'\n{config.stage} freeze_bn={config.model.freeze_bn}: loss rel {loss_error:.1e}, '
+        f'max leaf error/scale {leaf_error:.1e} (norm-wise {norm_error:.1e}), '
+        f'update rel {update_error:.1e}')
+  batch_stats = segmentation_run['state'].batch_stats['feature_extractor']
+  initial = segmentation_run['initial']['feature_extractor']['batch_stats']
+  stats_moved = any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
+      jax.tree_util.tree_leaves(batch_stats), jax.tree_util.tree_leaves(initial)))
+  assert stats_moved != config.model.freeze_bn
+
+
+@pytest.fixture(scope='module')
+def adversarial_run(tmp_path_factory):
+  """Stage 2 continued from a converted stage-2 release checkpoint holding model_D."""
+  return _run(tmp_path_factory, 'adversarial', True)
+
+
+def test_adversarial_steps_from_a_release_checkpoint_match_the_release(adversarial_run):
+  loss_error = _compare_losses(adversarial_run, ('loss_seg', 'loss_adv_tgt', 'loss_D',
+                                                 'loss_D_src', 'loss_D_tgt', 'lr', 'lr_D'))
+  leaf_error, norm_error, update_error = _compare_variables(adversarial_run)
+  print(f'\nadversarial from a release checkpoint: loss rel {loss_error:.1e}, '
+        f'max leaf error/scale {leaf_error:.1e} (norm-wise {norm_error:.1e}), '
+        f'update rel {update_error:.1e}')
+  assert adversarial_run['printed'] == (
+      'initial variables: loaded feature_extractor, classifier, discriminator from '
+      f'{adversarial_run["init_checkpoint"]}\n')
+
+
+def test_frozen_bn_has_no_optimiser_state(adversarial_run):
+  """Frozen BN (unchanged, checked above) carries no momentum: only kernels have traces."""
+  state = adversarial_run['state']
   traces = [leaf for leaf in jax.tree_util.tree_leaves(state.opt_state['feature_extractor'])
             if getattr(leaf, 'ndim', 0) == 4]
   kernels = [leaf for leaf in jax.tree_util.tree_leaves(state.params['feature_extractor'])
              if leaf.ndim == 4]
-  assert len(traces) == len(kernels)
-  assert state.step == 2
+  vectors = [leaf for leaf in jax.tree_util.tree_leaves(state.opt_state['feature_extractor'])
+             if getattr(leaf, 'ndim', 0) == 1]
+  assert len(traces) == len(kernels) and not vectors
+  assert state.step == STEPS
 
 
 # ------------------------------------------------------------------ optimisers
@@ -412,3 +425,58 @@ def test_bfloat16_with_remat_trains_with_float32_state():
   moved = jax.tree_util.tree_map(lambda a, b: float(jnp.max(jnp.abs(a - b))),
                                  new_state.params, state.params)
   assert max(jax.tree_util.tree_leaves(moved)) > 0
+
+
+# ------------------------------------------------------------------ learning
+
+
+def _brute_force_miou(predictions, labels, num_classes):
+  """Release formula, counted one class at a time: mean over all K of I / (U + 1e-10)."""
+  keep = labels != 255
+  ious = [np.sum((predictions == c) & (labels == c) & keep)
+          / (np.sum(((predictions == c) | (labels == c)) & keep) + 1e-10)
+          for c in range(num_classes)]
+  return float(np.mean(ious))
+
+
+def test_source_only_stage_learns_a_fixed_batch():
+  """The step trains: on one fixed batch of synthetic street scenes the loss falls to a
+  fraction of its start, and the trained network's mIoU on the batch (eval-mode BN, as
+  evaluation runs it) beats the best constant prediction."""
+  from fada_jax.data import synthetic, transforms  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config('demo', 'source_only', 'resnet18')
+  config.model.width = WIDTH
+  config.solver.max_iter = config.solver.stop_iter = 1000  # a near-constant rate
+  num_classes = int(config.model.num_classes)
+  frames = synthetic.make_synthetic_source('source', 'train', num_classes, size=4, seed=0,
+                                           image_size=(64, 32))
+  batch = {'image': np.stack([transforms.normalize(frames[i]['image'], 'imagenet')
+                              for i in range(4)]),
+           'label': np.stack([frames[i]['label'] for i in range(4)])}
+  network = models.build(config)
+  variables = models.init_variables(network, jax.random.PRNGKey(0), config)
+  state = state_lib.create_train_state(config, network, variables, jax.random.PRNGKey(0))
+  step = jax.jit(steps.make_step(config, network, state))
+  losses_seen = []
+  for _ in range(60):
+    state, metrics = step(state, batch)
+    losses_seen.append(float(metrics['loss_seg']))
+
+  @jax.jit
+  def predict(params, batch_stats):
+    features = network.feature_extractor.apply(
+        {'params': params['feature_extractor'], 'batch_stats': batch_stats['feature_extractor']},
+        batch['image'], train=False)
+    logits = network.classifier.apply({'params': params['classifier']}, features)
+    return jnp.argmax(models.resize_bilinear_align_corners(logits, (32, 64)), axis=-1)
+
+  predictions = np.asarray(predict(state.params, state.batch_stats))
+  labels = batch['label']
+  counts = np.bincount(labels[labels != 255].ravel(), minlength=num_classes)
+  constant = max(_brute_force_miou(np.full_like(labels, c), labels, num_classes)
+                 for c in np.flatnonzero(counts))
+  miou = _brute_force_miou(predictions, labels, num_classes)
+  print(f'\nloss {losses_seen[0]:.3f} -> {losses_seen[-1]:.3f}; mIoU {miou:.3f}, '
+        f'best constant {constant:.3f}')
+  assert np.mean(losses_seen[-5:]) < 0.5 * losses_seen[0]
+  assert miou > 2 * constant

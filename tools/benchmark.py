@@ -33,6 +33,8 @@ from typing import Any
 
 _TOOLS = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(_TOOLS))  # the repo, for a run from a source checkout
+# The torch side of --backend=torch is the tests' reference (tests/torch_reference.py).
+_TORCH_REFERENCE = os.path.join(os.path.dirname(_TOOLS), "tests")
 
 _MODES: dict[str, tuple[Callable[[argparse.ArgumentParser], None],
                         Callable[[argparse.Namespace], dict[str, Any]]]] = {}
@@ -150,12 +152,12 @@ def _torch_normalize(pixels):
 
 def _eval_torch(args: argparse.Namespace) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, _TOOLS)
+  sys.path.insert(0, _TORCH_REFERENCE)
   import torch_reference  # pylint: disable=g-import-not-at-top
   torch.set_num_threads(args.threads)
   depth = int(args.arch[len("resnet"):])
   model = torch_reference.DeepLabResNet(depth, args.num_classes, args.width).eval()
-  torch_reference.randomize_batch_norm(model)
+  torch_reference.randomize(model, seed=0)
   width, height = args.size
   pixels = torch.randint(0, 256, (args.batch, height, width, 3), dtype=torch.uint8)
   memory_format = torch.channels_last if args.channels_last else torch.contiguous_format
@@ -399,14 +401,14 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
 
 def _train_torch(args: argparse.Namespace) -> dict[str, Any]:
   import torch  # pylint: disable=g-import-not-at-top
-  sys.path.insert(0, _TOOLS)
-  import torch_train_step  # pylint: disable=g-import-not-at-top
+  sys.path.insert(0, _TORCH_REFERENCE)
+  import torch_reference  # pylint: disable=g-import-not-at-top
   if args.stage != "adversarial" or args.memory or args.compile_only or args.dtype != "float32":
     raise SystemExit("--backend=torch times the float32 stage-2 step only")
   torch.set_num_threads(args.threads)
   torch.manual_seed(0)
-  trainer = torch_train_step.AdversarialTrainer(int(args.arch[len("resnet"):]),
-                                                args.num_classes, args.width)
+  trainer = torch_reference.AdversarialTrainer(int(args.arch[len("resnet"):]),
+                                               args.num_classes, args.width)
   shapes = _train_batch_shapes(args)
   source = torch.randint(0, 256, shapes["source_image"], dtype=torch.uint8)
   target = torch.randint(0, 256, shapes["target_image"], dtype=torch.uint8)

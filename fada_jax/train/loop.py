@@ -49,12 +49,16 @@ EVAL_METRICS_FILE = 'metrics.json'
 def initial_variables(config, models, rng: jax.Array) -> dict:
   """Random variables, with the parts `config.init_checkpoint` provides loaded over them.
 
-  An ImageNet checkpoint fills the feature extractor; a FADA checkpoint (e.g. stage 1's
-  final step) fills the feature extractor and the classifier. The discriminator always
-  starts from random (stage 2 trains a fresh one, as the release does).
+  As the release: an ImageNet checkpoint fills the feature extractor; a FADA checkpoint
+  (e.g. stage 1's final step) fills the feature extractor and the classifier, and in
+  stage 2 also the discriminator when it holds one (`model_D` of a released stage-2
+  checkpoint), so that training continues from it; otherwise stage 2 draws a fresh one.
+  Process 0 prints one line saying which parts were loaded and which are fresh.
   """
   source = config.init_checkpoint
+  used = state_lib.trainable_modules(config.stage)
   if not source:
+    _note_initialisation(source, (), used)
     return models_lib.init_variables(models, rng, config)
   loaded, meta = checkpoint_lib.load_model(source)
   arch = meta.get('arch')
@@ -64,6 +68,8 @@ def initial_variables(config, models, rng: jax.Array) -> dict:
   parts = ['feature_extractor']
   if meta.get('kind') != 'imagenet':
     parts.append('classifier')
+    if 'discriminator' in used:
+      parts.append('discriminator')
     classes = meta.get('num_classes')
     if classes is not None and 'classifier' in loaded and int(classes) != config.model.num_classes:
       raise UserError(f'config.init_checkpoint={source} predicts {classes} classes but '
@@ -81,7 +87,20 @@ def initial_variables(config, models, rng: jax.Array) -> dict:
                                      f'config.init_checkpoint={source}', config.model)
   variables = models_lib.init_variables(models, rng, config)
   variables.update(fitted)
+  _note_initialisation(source, parts, used)
   return variables
+
+
+def _note_initialisation(source: str, loaded: Any, used: tuple) -> None:
+  if not distributed.is_main_process():
+    return
+  fresh = [part for part in used if part not in loaded]
+  words = []
+  if loaded:
+    words.append(f'loaded {", ".join(loaded)} from {source}')
+  if fresh:
+    words.append(f'fresh {", ".join(fresh)}')
+  print('initial variables: ' + '; '.join(words), flush=True)
 
 
 # ---------------------------------------------------------------------------------------
