@@ -1,10 +1,18 @@
-"""DeepLab-v2 ResNet feature extractor (torchvision layout, output stride 8 by dilation)."""
+"""DeepLab-v2 ResNet feature extractor (torchvision layout, output stride 8 by dilation).
+
+Memory (docs/memory.md): the blocks after the first of a stage are identical, so at apply
+time they run as one `jax.lax.scan` over their stacked variables, and with `remat` the scan
+body is a `jax.checkpoint`. The variables stay one sub-tree per block (`layer3_5/conv1/
+kernel`): they are stacked at apply time and trainable BN's running statistics are written
+back per block, so checkpoints and the torch-weight importer see the unrolled layout.
+"""
 
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fada_jax.models import layers
 
@@ -72,12 +80,26 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 1, "conv1", self.dtype)(x)
+    # The two narrow conv outputs are named for REMAT_POLICIES (no effect without remat).
+    out = checkpoint_name(out, "bottleneck_conv1")
     out = nn.relu(self.norm("bn1", train)(out))
     out = _conv(self.planes, 3, "conv2", self.dtype, self.stride, self.dilation)(out)
+    out = checkpoint_name(out, "bottleneck_conv2")
     out = nn.relu(self.norm("bn2", train)(out))
     out = _conv(self.planes * 4, 1, "conv3", self.dtype)(out)
     out = self.norm("bn3", train)(out)
     return nn.relu(out + self.shortcut(x, self.planes * 4, train))
+
+
+# What the checkpointed scan body keeps for the backward pass besides the block inputs
+# (the scan's carries, which it always keeps): nothing, so each block is recomputed whole.
+# See docs/memory.md for the measured alternatives.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "conv1_conv2": jax.checkpoint_policies.save_only_these_names(
+        "bottleneck_conv1", "bottleneck_conv2"),
+}
+REMAT_POLICY = "nothing"
 
 
 class ResNetFeatureExtractor(nn.Module):
@@ -86,6 +108,10 @@ class ResNetFeatureExtractor(nn.Module):
   dilate (2 and 4), the first block of each using the previous stage's dilation.
 
   `width` is the stem width (64 = published); all channels scale with it.
+  `scan`: run each stage's blocks after the first (identical in shape) as one
+  `lax.scan` (None: only with remat, see docs/memory.md); `remat`: recompute those blocks
+  in the backward pass (the scan body is a `jax.checkpoint` under `remat_policy`, a key of
+  REMAT_POLICIES). Neither changes the variables or the function computed.
   Returns float32 features at stride 8.
   """
   depth: int = 101
@@ -93,17 +119,19 @@ class ResNetFeatureExtractor(nn.Module):
   freeze_bn: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False
+  scan: Optional[bool] = None
+  remat_policy: str = REMAT_POLICY
   axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.depth not in STAGES:
       raise ValueError(f"unsupported ResNet depth {self.depth}; one of {sorted(STAGES)}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; one of "
+                       f"{sorted(REMAT_POLICIES)}")
     bottleneck, blocks_per_stage = STAGES[self.depth]
     block_cls = Bottleneck if bottleneck else BasicBlock
-    if self.remat:
-      # `train` (argument 2 counting self) is a Python bool, so static.
-      block_cls = nn.remat(block_cls, static_argnums=(2,))
     dtype = layers.compute_dtype(self.dtype)
 
     x = x.astype(dtype)
@@ -124,17 +152,46 @@ class ResNetFeatureExtractor(nn.Module):
         dilation *= stride
         stride = 1
       out_channels = planes * block_cls.expansion
-      for j in range(num_blocks):
-        first = j == 0
-        x = block_cls(
-            planes=planes,
-            stride=stride if first else 1,
-            dilation=previous_dilation if first else dilation,
-            downsample=first and (stride != 1 or in_channels != out_channels),
-            freeze_bn=self.freeze_bn,
-            axis_name=self.axis_name,
-            dtype=dtype,
-            name=f"layer{stage + 1}_{j}",
-        )(x, train)
-        in_channels = out_channels
+      settings = dict(planes=planes, freeze_bn=self.freeze_bn, axis_name=self.axis_name,
+                      dtype=dtype)
+      first = block_cls(stride=stride, dilation=previous_dilation,
+                        downsample=stride != 1 or in_channels != out_channels,
+                        name=f"layer{stage + 1}_0", **settings)
+      # The first block differs in shape from the rest; unrolled, remat does not lower
+      # XLA:CPU's plan (docs/memory.md), so it runs as is.
+      x = first(x, train)
+      names = [f"layer{stage + 1}_{j}" for j in range(1, num_blocks)]
+      rest = dict(dilation=dilation, **settings)
+      scan = self.remat if self.scan is None else self.scan
+      if scan and len(names) > 1 and not self.is_initializing():
+        x = self._scan_blocks(block_cls(parent=None, **rest), names, x, train)
+      else:
+        block = nn.remat(block_cls, static_argnums=(2,)) if self.remat else block_cls
+        for name in names:
+          x = block(name=name, **rest)(x, train)
+      in_channels = out_channels
     return layers.as_float32(x)
+
+  def _scan_blocks(self, block: nn.Module, names, x, train: bool):
+    """`block` (unbound) applied in turn with the variables of each of `names`."""
+    collections = ("params", "batch_stats")
+    stacked = {col: jax.tree_util.tree_map(
+        lambda *leaves: jnp.stack(leaves),
+        *[self.variables[col][name] for name in names])
+               for col in collections}
+    update_stats = train and not self.freeze_bn
+
+    def body(carry, variables):
+      if update_stats:
+        out, updated = block.apply(variables, carry, train, mutable=["batch_stats"])
+        return out, updated["batch_stats"]
+      return block.apply(variables, carry, train), None
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
+    x, stats = jax.lax.scan(body, x, stacked)
+    if update_stats:
+      for i, name in enumerate(names):
+        self.put_variable("batch_stats", name,
+                          jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stats))
+    return x
