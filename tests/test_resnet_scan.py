@@ -144,3 +144,42 @@ def test_scanned_stages_in_bfloat16():
   want = _unrolled(True, True, 0)[1]
   error = np.max(np.abs(features - want)) / np.max(np.abs(want))
   assert 0 < error < 0.1
+
+
+def test_evaluation_folds_batch_norm_into_the_scanned_blocks():
+  """Inference with remat on (stages scanned), BN folded and 1x1 convs as products,
+  gives the logits of the plain unrolled network."""
+  from fada_jax import config_lib, evaluate, models  # pylint: disable=g-import-not-at-top
+  config = config_lib.make_config("g2c", "source_only", f"resnet{DEPTH}")
+  config.model.width, config.model.num_classes, config.model.freeze_bn = WIDTH, 5, False
+  variables = models.init_variables(models.build(config), jax.random.PRNGKey(0), config)
+  variables["feature_extractor"] = _variables()
+  plain = evaluate.Predictor(config, fold_batch_norm=False, convs_as_matmuls=False)
+  config.model.remat = True
+  fast = evaluate.Predictor(config)
+  assert fast.models.feature_extractor.remat
+  images = _images()
+  logits = [np.asarray(jax.jit(p.logits)(p.place_variables(variables), images))
+            for p in (plain, fast)]
+  np.testing.assert_allclose(logits[1], logits[0], atol=1e-4 * np.abs(logits[0]).max())
+
+
+def test_remat_steps_of_two_blocks_equal_unrolled_blocks(monkeypatch):
+  # A bottleneck net whose layer3 has 4 blocks after its first: 2 scan steps of 2 blocks.
+  monkeypatch.setitem(resnet.STAGES, 26, (True, (2, 2, 5, 2)))
+  variables = resnet.ResNetFeatureExtractor(depth=26, width=WIDTH).init(
+      jax.random.PRNGKey(5), jnp.zeros((1, 32, 32, 3)))
+  variables["batch_stats"] = jax.tree_util.tree_map(
+      lambda leaf: leaf + 0.3 * jnp.abs(jnp.sin(jnp.arange(leaf.size, dtype=jnp.float32))),
+      variables["batch_stats"])
+  images = _images()
+  results = [_loss_outputs_grads(
+      resnet.ResNetFeatureExtractor(depth=26, width=WIDTH, freeze_bn=False, **kwargs),
+      variables, images, train=True) for kwargs in (dict(scan=False), dict(remat=True))]
+  want, got = results
+  _assert_trees_close(got[1], want[1], 1e-5)
+  _assert_trees_close(got[2], want[2], 2e-4)
+  _assert_trees_close(got[3], want[3], 1e-5)
+  scanned = resnet.ResNetFeatureExtractor(depth=26, width=WIDTH, remat=True)
+  jaxpr = str(jax.make_jaxpr(lambda v: scanned.apply(v, images, train=False))(variables))
+  assert jaxpr.count(" scan[") == 1 and "length=2" in jaxpr

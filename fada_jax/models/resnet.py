@@ -121,6 +121,7 @@ class ResNetFeatureExtractor(nn.Module):
   remat: bool = False
   scan: Optional[bool] = None
   remat_policy: str = REMAT_POLICY
+  blocks_per_step: int = 2
   axis_name: Optional[str] = None
 
   @nn.compact
@@ -173,24 +174,41 @@ class ResNetFeatureExtractor(nn.Module):
     return layers.as_float32(x)
 
   def _scan_blocks(self, block: nn.Module, names, x, train: bool):
-    """`block` (unbound) applied in turn with the variables of each of `names`."""
-    collections = ("params", "batch_stats")
+    """`block` (unbound) applied in turn with the variables of each of `names`.
+
+    With remat, each scan step runs `blocks_per_step` blocks (when they divide the
+    stage into 2 or more steps) and keeps only its input, so a stage saves
+    len(names) / blocks_per_step inputs; each block is still recomputed once.
+    """
+    per_step = self.blocks_per_step if self.remat else 1
+    if len(names) % per_step or len(names) // per_step < 2:
+      per_step = 1
     stacked = {col: jax.tree_util.tree_map(
-        lambda *leaves: jnp.stack(leaves),
+        lambda *leaves: jnp.stack(leaves).reshape(
+            (len(names) // per_step, per_step) + leaves[0].shape),
         *[self.variables[col][name] for name in names])
-               for col in collections}
+               for col in ("params", "batch_stats")}
     update_stats = train and not self.freeze_bn
 
     def body(carry, variables):
-      if update_stats:
-        out, updated = block.apply(variables, carry, train, mutable=["batch_stats"])
-        return out, updated["batch_stats"]
-      return block.apply(variables, carry, train), None
+      stats = []
+      for i in range(per_step):
+        block_variables = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], variables)
+        if update_stats:
+          carry, updated = block.apply(block_variables, carry, train, mutable=["batch_stats"])
+          stats.append(updated["batch_stats"])
+        else:
+          carry = block.apply(block_variables, carry, train)
+      if not update_stats:
+        return carry, None
+      return carry, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *stats)
 
     if self.remat:
       body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
     x, stats = jax.lax.scan(body, x, stacked)
     if update_stats:
+      stats = jax.tree_util.tree_map(
+          lambda leaf: leaf.reshape((len(names),) + leaf.shape[2:]), stats)
       for i, name in enumerate(names):
         self.put_variable("batch_stats", name,
                           jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stats))
