@@ -1,10 +1,11 @@
 """DeepLab-v2 ResNet feature extractor (torchvision layout, output stride 8 by dilation).
 
-Memory (docs/memory.md): the blocks after the first of a stage are identical, so at apply
-time they run as one `jax.lax.scan` over their stacked variables, and with `remat` the scan
-body is a `jax.checkpoint`. The variables stay one sub-tree per block (`layer3_5/conv1/
-kernel`): they are stacked at apply time and trainable BN's running statistics are written
-back per block, so checkpoints and the torch-weight importer see the unrolled layout.
+Memory (docs/memory.md): the blocks after the first of a stage are identical, so with
+`remat` they run as one `jax.lax.scan` over their stacked variables whose body (two blocks
+where they divide the stage) is a `jax.checkpoint`. The variables stay one sub-tree per
+block (`layer3_5/conv1/kernel`): they are stacked at apply time and trainable BN's running
+statistics are written back per block, so checkpoints and the torch-weight importer see
+the unrolled layout.
 """
 
 from typing import Any, Optional
@@ -91,9 +92,9 @@ class Bottleneck(_Block):
     return nn.relu(out + self.shortcut(x, self.planes * 4, train))
 
 
-# What the checkpointed scan body keeps for the backward pass besides the block inputs
-# (the scan's carries, which it always keeps): nothing, so each block is recomputed whole.
-# See docs/memory.md for the measured alternatives.
+# What the checkpointed scan body keeps for the backward pass besides its input (the scan
+# carry, always kept): nothing, so its blocks are recomputed whole. Measured against the
+# alternative in docs/memory.md.
 REMAT_POLICIES = {
     "nothing": jax.checkpoint_policies.nothing_saveable,
     "conv1_conv2": jax.checkpoint_policies.save_only_these_names(
@@ -110,8 +111,9 @@ class ResNetFeatureExtractor(nn.Module):
   `width` is the stem width (64 = published); all channels scale with it.
   `scan`: run each stage's blocks after the first (identical in shape) as one
   `lax.scan` (None: only with remat, see docs/memory.md); `remat`: recompute those blocks
-  in the backward pass (the scan body is a `jax.checkpoint` under `remat_policy`, a key of
-  REMAT_POLICIES). Neither changes the variables or the function computed.
+  in the backward pass (the scan body, `blocks_per_step` blocks where they divide the
+  stage, is a `jax.checkpoint` under `remat_policy`, a key of REMAT_POLICIES). Neither
+  changes the variables or the function computed.
   Returns float32 features at stride 8.
   """
   depth: int = 101
