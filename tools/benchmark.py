@@ -86,6 +86,10 @@ def _add_eval_arguments(parser: argparse.ArgumentParser) -> None:
   parser.add_argument("--no-transforms", action="store_true",
                       help="jax: run the plain network (no BN folding, every conv as a "
                            "convolution, whatever --matmul-convs says)")
+  parser.add_argument("--memory", action="store_true",
+                      help="jax: add XLA's memory analysis of the compiled step")
+  parser.add_argument("--compile-only", action="store_true",
+                      help="jax: compile (for --memory and the FLOP count) without running")
 
 
 def _random_variables(config, seed: int = 0) -> dict:
@@ -134,12 +138,31 @@ def _eval_jax(args: argparse.Namespace) -> dict[str, Any]:
   compile_seconds = time.perf_counter() - start
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  times = time_steps(lambda: compiled(variables, images).block_until_ready(), args.steps)
-  return {"flops_per_step": float(cost.get("flops", float("nan"))) if cost else None,
-          "devices": jax.device_count(), "platform": jax.devices()[0].platform,
-          "compile_seconds": round(compile_seconds, 2), "transforms": transforms,
-          "matmul_convs": predictor.convs_as_matmuls,
-          "step_seconds": [round(t, 4) for t in times]}
+  result = {"flops_per_step": float(cost.get("flops", float("nan"))) if cost else None,
+            "devices": jax.device_count(), "platform": jax.devices()[0].platform,
+            "compile_seconds": round(compile_seconds, 2), "transforms": transforms,
+            "matmul_convs": predictor.convs_as_matmuls}
+  if args.memory:
+    result.update(_memory_analysis(compiled))
+  times = [] if args.compile_only else time_steps(
+      lambda: compiled(variables, images).block_until_ready(), args.steps)
+  result["step_seconds"] = [round(t, 4) for t in times]
+  return result
+
+
+def _memory_analysis(compiled) -> dict[str, Any]:
+  """XLA's memory plan of a compiled function: buffer sizes in bytes and GiB."""
+  memory = compiled.memory_analysis()
+  fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+            "temp_size_in_bytes", "generated_code_size_in_bytes")
+  sizes = {f: int(getattr(memory, f, 0) or 0) for f in fields}
+  sizes["peak_estimate_bytes"] = (sizes["argument_size_in_bytes"]
+                                  + sizes["output_size_in_bytes"]
+                                  - sizes["alias_size_in_bytes"]
+                                  + sizes["temp_size_in_bytes"])
+  return {"memory": sizes,
+          "memory_gib": {k.replace("_in_bytes", "").replace("_bytes", ""): round(v / 2**30, 3)
+                         for k, v in sizes.items()}}
 
 
 def _torch_normalize(pixels):
@@ -181,12 +204,16 @@ def _eval_torch(args: argparse.Namespace) -> dict[str, Any]:
 
 
 def run_eval(args: argparse.Namespace) -> dict[str, Any]:
+  if args.backend == "torch" and (args.memory or args.compile_only):
+    raise SystemExit("--memory and --compile-only are for --backend=jax")
   result = (_eval_jax if args.backend == "jax" else _eval_torch)(args)
-  median = statistics.median(result["step_seconds"])
+  times = result["step_seconds"]
+  median = statistics.median(times) if times else None
   return dict({"mode": "eval", "backend": args.backend, "arch": args.arch,
                "batch": args.batch, "size": f"{args.size[0]}x{args.size[1]}",
-               "step_seconds_median": round(median, 4),
-               "images_per_second": round(args.batch / median, 4)}, **result)
+               "step_seconds_median": round(median, 4) if median else None,
+               "images_per_second": round(args.batch / median, 4) if median else None},
+              **result)
 
 
 register_mode("eval", _add_eval_arguments, run_eval)
@@ -365,17 +392,7 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   result["flops_per_step"] = float(cost.get("flops", float("nan"))) if cost else None
   if args.memory:
-    memory = compiled.memory_analysis()
-    fields = ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
-              "temp_size_in_bytes", "generated_code_size_in_bytes")
-    sizes = {f: int(getattr(memory, f, 0) or 0) for f in fields}
-    sizes["peak_estimate_bytes"] = (sizes["argument_size_in_bytes"]
-                                    + sizes["output_size_in_bytes"]
-                                    - sizes["alias_size_in_bytes"]
-                                    + sizes["temp_size_in_bytes"])
-    result["memory"] = sizes
-    result["memory_gib"] = {k.replace("_in_bytes", "").replace("_bytes", ""):
-                            round(v / 2**30, 3) for k, v in sizes.items()}
+    result.update(_memory_analysis(compiled))
   if args.compile_only:
     result["step_seconds"] = []
     return result

@@ -1,10 +1,19 @@
-"""DeepLab-v2 ResNet feature extractor (torchvision layout, output stride 8 by dilation)."""
+"""DeepLab-v2 ResNet feature extractor (torchvision layout, output stride 8 by dilation).
+
+Memory (docs/memory.md): the blocks after the first of a stage are identical, so with
+`remat` they run as one `jax.lax.scan` over their stacked variables whose body (two blocks
+where they divide the stage) is a `jax.checkpoint`. The variables stay one sub-tree per
+block (`layer3_5/conv1/kernel`): they are stacked at apply time and trainable BN's running
+statistics are written back per block, so checkpoints and the torch-weight importer see
+the unrolled layout.
+"""
 
 from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
 
 from fada_jax.models import layers
 
@@ -72,12 +81,26 @@ class Bottleneck(_Block):
   @nn.compact
   def __call__(self, x, train: bool):
     out = _conv(self.planes, 1, "conv1", self.dtype)(x)
+    # The two narrow conv outputs are named for REMAT_POLICIES (no effect without remat).
+    out = checkpoint_name(out, "bottleneck_conv1")
     out = nn.relu(self.norm("bn1", train)(out))
     out = _conv(self.planes, 3, "conv2", self.dtype, self.stride, self.dilation)(out)
+    out = checkpoint_name(out, "bottleneck_conv2")
     out = nn.relu(self.norm("bn2", train)(out))
     out = _conv(self.planes * 4, 1, "conv3", self.dtype)(out)
     out = self.norm("bn3", train)(out)
     return nn.relu(out + self.shortcut(x, self.planes * 4, train))
+
+
+# What the checkpointed scan body keeps for the backward pass besides its input (the scan
+# carry, always kept): nothing, so its blocks are recomputed whole. Measured against the
+# alternative in docs/memory.md.
+REMAT_POLICIES = {
+    "nothing": jax.checkpoint_policies.nothing_saveable,
+    "conv1_conv2": jax.checkpoint_policies.save_only_these_names(
+        "bottleneck_conv1", "bottleneck_conv2"),
+}
+REMAT_POLICY = "nothing"
 
 
 class ResNetFeatureExtractor(nn.Module):
@@ -86,6 +109,11 @@ class ResNetFeatureExtractor(nn.Module):
   dilate (2 and 4), the first block of each using the previous stage's dilation.
 
   `width` is the stem width (64 = published); all channels scale with it.
+  `scan`: run each stage's blocks after the first (identical in shape) as one
+  `lax.scan` (None: only with remat, see docs/memory.md); `remat`: recompute those blocks
+  in the backward pass (the scan body, `blocks_per_step` blocks where they divide the
+  stage, is a `jax.checkpoint` under `remat_policy`, a key of REMAT_POLICIES). Neither
+  changes the variables or the function computed.
   Returns float32 features at stride 8.
   """
   depth: int = 101
@@ -93,17 +121,20 @@ class ResNetFeatureExtractor(nn.Module):
   freeze_bn: bool = True
   dtype: Dtype = jnp.float32
   remat: bool = False
+  scan: Optional[bool] = None
+  remat_policy: str = REMAT_POLICY
+  blocks_per_step: int = 2
   axis_name: Optional[str] = None
 
   @nn.compact
   def __call__(self, x: jax.Array, train: bool = False) -> jax.Array:
     if self.depth not in STAGES:
       raise ValueError(f"unsupported ResNet depth {self.depth}; one of {sorted(STAGES)}")
+    if self.remat_policy not in REMAT_POLICIES:
+      raise ValueError(f"unknown remat_policy {self.remat_policy!r}; one of "
+                       f"{sorted(REMAT_POLICIES)}")
     bottleneck, blocks_per_stage = STAGES[self.depth]
     block_cls = Bottleneck if bottleneck else BasicBlock
-    if self.remat:
-      # `train` (argument 2 counting self) is a Python bool, so static.
-      block_cls = nn.remat(block_cls, static_argnums=(2,))
     dtype = layers.compute_dtype(self.dtype)
 
     x = x.astype(dtype)
@@ -124,17 +155,63 @@ class ResNetFeatureExtractor(nn.Module):
         dilation *= stride
         stride = 1
       out_channels = planes * block_cls.expansion
-      for j in range(num_blocks):
-        first = j == 0
-        x = block_cls(
-            planes=planes,
-            stride=stride if first else 1,
-            dilation=previous_dilation if first else dilation,
-            downsample=first and (stride != 1 or in_channels != out_channels),
-            freeze_bn=self.freeze_bn,
-            axis_name=self.axis_name,
-            dtype=dtype,
-            name=f"layer{stage + 1}_{j}",
-        )(x, train)
-        in_channels = out_channels
+      settings = dict(planes=planes, freeze_bn=self.freeze_bn, axis_name=self.axis_name,
+                      dtype=dtype)
+      first = block_cls(stride=stride, dilation=previous_dilation,
+                        downsample=stride != 1 or in_channels != out_channels,
+                        name=f"layer{stage + 1}_0", **settings)
+      # The first block differs in shape from the rest; unrolled, remat does not lower
+      # XLA:CPU's plan (docs/memory.md), so it runs as is.
+      x = first(x, train)
+      names = [f"layer{stage + 1}_{j}" for j in range(1, num_blocks)]
+      rest = dict(dilation=dilation, **settings)
+      scan = self.remat if self.scan is None else self.scan
+      if scan and len(names) > 1 and not self.is_initializing():
+        x = self._scan_blocks(block_cls(parent=None, **rest), names, x, train)
+      else:
+        block = nn.remat(block_cls, static_argnums=(2,)) if self.remat else block_cls
+        for name in names:
+          x = block(name=name, **rest)(x, train)
+      in_channels = out_channels
     return layers.as_float32(x)
+
+  def _scan_blocks(self, block: nn.Module, names, x, train: bool):
+    """`block` (unbound) applied in turn with the variables of each of `names`.
+
+    With remat, each scan step runs `blocks_per_step` blocks (when they divide the
+    stage into 2 or more steps) and keeps only its input, so a stage saves
+    len(names) / blocks_per_step inputs; each block is still recomputed once.
+    """
+    per_step = self.blocks_per_step if self.remat else 1
+    if len(names) % per_step or len(names) // per_step < 2:
+      per_step = 1
+    stacked = {col: jax.tree_util.tree_map(
+        lambda *leaves: jnp.stack(leaves).reshape(
+            (len(names) // per_step, per_step) + leaves[0].shape),
+        *[self.variables[col][name] for name in names])
+               for col in ("params", "batch_stats")}
+    update_stats = train and not self.freeze_bn
+
+    def body(carry, variables):
+      stats = []
+      for i in range(per_step):
+        block_variables = jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], variables)
+        if update_stats:
+          carry, updated = block.apply(block_variables, carry, train, mutable=["batch_stats"])
+          stats.append(updated["batch_stats"])
+        else:
+          carry = block.apply(block_variables, carry, train)
+      if not update_stats:
+        return carry, None
+      return carry, jax.tree_util.tree_map(lambda *leaves: jnp.stack(leaves), *stats)
+
+    if self.remat:
+      body = jax.checkpoint(body, policy=REMAT_POLICIES[self.remat_policy])
+    x, stats = jax.lax.scan(body, x, stacked)
+    if update_stats:
+      stats = jax.tree_util.tree_map(
+          lambda leaf: leaf.reshape((len(names),) + leaf.shape[2:]), stats)
+      for i, name in enumerate(names):
+        self.put_variable("batch_stats", name,
+                          jax.tree_util.tree_map(lambda leaf, i=i: leaf[i], stats))
+    return x
