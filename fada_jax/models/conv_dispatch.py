@@ -5,9 +5,10 @@ its tuned, multi-threaded GEMM. Its convolution kernel gradients are worst: XLA 
 dW by another convolution in which the batch and spatial axes play the window, an
 [N, H, W, C] x [N, H, W, O] contraction down to a tiny [KH, KW, C, O] output that runs
 with almost no parallelism (for strided or dilated kernels through a naive emitted loop).
-GPUs and TPUs run all of these as cuDNN / XLA convolutions, which beat products built
-from slices and pads there. So the rewrites below are switched by backend, with one
-setting: `config.model.matmul_convs` in {'auto', 'on', 'off'}, 'auto' = on for CPU only.
+GPUs and TPUs run convolutions and their gradients on kernels built for them (cuDNN,
+XLA:TPU), where the rewrites would only add slices, pads and copies. So the rewrites below
+are switched by backend, with one setting: `config.model.matmul_convs` in
+{'auto', 'on', 'off'}, 'auto' = on for CPU only.
 
 When on, every flax `nn.Conv` applied inside `use_matmul_convs()` (training and
 evaluation alike) goes through `conv_general_dilated`, and `conv_rule` decides per conv:
