@@ -11,6 +11,7 @@ import sys
 
 import jax
 import numpy as np
+import pytest
 
 from fada_jax import config_lib
 from fada_jax import evaluate
@@ -175,3 +176,20 @@ def test_plot_of_two_runs_and_a_pipeline_is_a_png(tmp_path):
   assert missing.stderr.strip().splitlines() == [
       f'error: {tmp_path / "none"}: no metrics.jsonl (neither a training run\'s folder nor '
       'a pipeline\'s)']
+
+
+def test_pipeline_hands_on_the_final_model_unless_use_best(tmp_path):
+  from fada_jax import pipeline  # pylint: disable=g-import-not-at-top
+  from fada_jax.errors import UserError  # pylint: disable=g-import-not-at-top
+  user = config_lib.make_config('demo', 'adversarial', 'resnet18')
+  stage = pipeline.stage_config(user, 'source_only', init_checkpoint='')
+  assert pipeline._handed_on(user, stage, tmp_path) == tmp_path / 'checkpoints' / '300'
+  user.pipeline.use_best = True
+  stage = pipeline.stage_config(user, 'source_only', init_checkpoint='')
+  assert stage.pipeline.use_best  # carried into every stage
+  assert pipeline._handed_on(user, stage, tmp_path) == tmp_path / 'checkpoints' / 'best'
+  user.eval.every = 0
+  with pytest.raises(UserError, match=r'^config.pipeline.use_best=True needs validation in '
+                     r'stage source_only, but its config.eval.every=0$'):
+    pipeline.run_pipeline(user, tmp_path / 'run')
+  assert not (tmp_path / 'run').exists()
