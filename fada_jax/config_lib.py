@@ -138,8 +138,8 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   config.eval.flip = False
   config.eval.scales = (1.0,)
   config.eval.save_predictions = False
-  # Validation during training every this many steps and at stop_iter (0: off); the
-  # best model so far is kept in DIR/checkpoints/best.
+  # Validation during training every this many steps (0: off); the best model so far
+  # is kept in DIR/checkpoints/best.
   config.eval.every = 100 if demo else config.solver.checkpoint_every
 
   config.pipeline = ml_collections.ConfigDict()

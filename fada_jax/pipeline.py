@@ -216,9 +216,11 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
                              pseudo_label_dir=str(pseudo_dir))
   if config.get('pipeline', {}).get('use_best', False):
     for stage_cfg in (source_cfg, adversarial_cfg):
-      if int(stage_cfg.eval.every) <= 0:
+      every, stop_iter = int(stage_cfg.eval.every), int(stage_cfg.solver.stop_iter)
+      if not 0 < every <= stop_iter:
         raise UserError(f'config.pipeline.use_best=True needs validation in stage '
-                        f'{stage_cfg.stage}, but its config.eval.every={stage_cfg.eval.every}')
+                        f'{stage_cfg.stage}, but config.eval.every={every} validates no '
+                        f'step up to its config.solver.stop_iter={stop_iter}')
   # Every stage's data and settings, before the first one writes or compiles anything.
   preflight.check_pipeline(
       workdir, {'source_only': source_cfg, 'adversarial': adversarial_cfg,

@@ -190,6 +190,7 @@ def test_pipeline_hands_on_the_final_model_unless_use_best(tmp_path):
   assert pipeline._handed_on(user, stage, tmp_path) == tmp_path / 'checkpoints' / 'best'
   user.eval.every = 0
   with pytest.raises(UserError, match=r'^config.pipeline.use_best=True needs validation in '
-                     r'stage source_only, but its config.eval.every=0$'):
+                     r'stage source_only, but config.eval.every=0 validates no step up to '
+                     r'its config.solver.stop_iter=300$'):
     pipeline.run_pipeline(user, tmp_path / 'run')
   assert not (tmp_path / 'run').exists()

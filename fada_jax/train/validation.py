@@ -1,8 +1,8 @@
 """Validation during training and the best model so far.
 
-Every `config.eval.every` steps (and at `solver.stop_iter`) the current model is
-evaluated on `config.eval.split` of the target with the same sharded inference as
-`--mode=eval` (the process-wide `Predictor` of `evaluate.predictor_for`, so its step
+Every `config.eval.every` steps (the defaults divide `solver.stop_iter`) the current
+model is evaluated on `config.eval.split` of the target with the same sharded inference
+as `--mode=eval` (the process-wide `Predictor` of `evaluate.predictor_for`, so its step
 compiles once however often it runs). Every process takes part (the metric counts are
 summed over all of them inside the compiled step); process 0 alone writes.
 
@@ -84,7 +84,6 @@ class Validation:
                start_step: int):
     self.config = config
     self.every = int(config.eval.get('every', 0))
-    self.stop_iter = int(config.solver.stop_iter)
     self.checkpoints_dir = pathlib.Path(checkpoints_dir)
     self.best = (resumed_best(self.checkpoints_dir, metrics_path, start_step)
                  if self.every and start_step else None)
@@ -95,7 +94,7 @@ class Validation:
     return self.every > 0
 
   def due(self, step: int) -> bool:
-    return self.enabled and (step % self.every == 0 or step == self.stop_iter)
+    return self.enabled and step % self.every == 0
 
   def run(self, step: int, variables: dict, meta: dict) -> dict:
     """Evaluates host `variables` (feature extractor and classifier) at `step`."""
