@@ -28,6 +28,7 @@ from fada_jax.errors import UserError
 from fada_jax.evaluate import outputs
 from fada_jax.evaluate.inference import Predictor, pad_rows, predictor_for
 from fada_jax.evaluate.metrics import MetricAccumulator
+from fada_jax.train import validation as _validation  # noqa: F401  (reads checkpoints/best)
 
 
 # ----------------------------------------------------------------------------- a split
