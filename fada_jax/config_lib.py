@@ -138,6 +138,14 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   config.eval.flip = False
   config.eval.scales = (1.0,)
   config.eval.save_predictions = False
+  # Validation during training every this many steps (0: off); the best model so far
+  # is kept in DIR/checkpoints/best.
+  config.eval.every = 100 if demo else config.solver.checkpoint_every
+
+  config.pipeline = ml_collections.ConfigDict()
+  # --mode=pipeline hands each stage's final model on, as the release does; True hands
+  # on its best validated model (DIR/<stage>/checkpoints/best) instead.
+  config.pipeline.use_best = False
 
   config.lock()
   return config

@@ -17,9 +17,13 @@ its labelled data).
 Rerunning the same command continues where it stopped: a stage whose final checkpoint is
 evaluated is skipped, an interrupted stage resumes from its newest checkpoint, and the
 pseudo labels count only once their folder is complete (written under a temporary name,
-then renamed). After every stage the target mIoU so far is printed as a table and
+then renamed). After every stage the target mIoU so far is printed as a table,
 DIR/summary.json is rewritten:
   {"source_only": {"miou", "iou_per_class", "class_names", "checkpoint"}, "adversarial": ..., ...}
+and DIR/curves.png drawn (`report`: every stage's losses, learning rates and val mIoU).
+
+Each stage hands its final model on, as the release does; config.pipeline.use_best=True
+hands on its best validated model (DIR/<stage>/checkpoints/best) instead.
 """
 
 import json
@@ -30,11 +34,13 @@ from typing import Any
 
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
+from fada_jax import report
 from fada_jax.constants import STAGES
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
 from fada_jax.train import loop
 from fada_jax.train import preflight
+from fada_jax.train import validation
 
 PSEUDO_LABEL_DIR = 'pseudo_labels'
 PSEUDO_LABEL_MARKER = 'complete.json'
@@ -96,6 +102,13 @@ def stage_config(config, stage: str, *, init_checkpoint: str, pseudo_label_dir: 
 
 def _final_checkpoint(stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
   return stage_dir / loop.CHECKPOINTS_DIR / str(int(stage_cfg.solver.stop_iter))
+
+
+def _handed_on(config, stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
+  """The model a stage hands to the next step: its final or its best checkpoint."""
+  if config.get('pipeline', {}).get('use_best', False):
+    return validation.best_checkpoint(stage_dir / loop.CHECKPOINTS_DIR)
+  return _final_checkpoint(stage_cfg, stage_dir)
 
 
 def _finished_metrics(stage_cfg, stage_dir: pathlib.Path) -> dict | None:
@@ -172,6 +185,7 @@ def _record(summary: dict, stage: str, metrics: dict, workdir: pathlib.Path) -> 
                     if key in metrics}
   if distributed.is_main_process():
     checkpoint_lib.write_json_atomic(workdir / SUMMARY_FILE, loop.jsonable(summary))
+    report.plot_runs([workdir], workdir / report.CURVES_FILE)
     print('\n' + format_summary(summary) + '\n', flush=True)
 
 
@@ -186,12 +200,19 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
   source_cfg = stage_config(config, 'source_only', init_checkpoint=imagenet)
   adversarial_cfg = stage_config(
       config, 'adversarial',
-      init_checkpoint=str(_final_checkpoint(source_cfg, source_dir)))
+      init_checkpoint=str(_handed_on(config, source_cfg, source_dir)))
   # The release restarts stage 3 from ImageNet weights. Without them (the demo) a random
   # start only relearns a worse copy of its teacher, so stage 2's model is the start.
-  distill_init = imagenet or str(_final_checkpoint(adversarial_cfg, adversarial_dir))
+  distill_init = imagenet or str(_handed_on(config, adversarial_cfg, adversarial_dir))
   distill_cfg = stage_config(config, 'self_distill', init_checkpoint=distill_init,
                              pseudo_label_dir=str(pseudo_dir))
+  if config.get('pipeline', {}).get('use_best', False):
+    for stage_cfg in (source_cfg, adversarial_cfg):
+      every, stop_iter = int(stage_cfg.eval.every), int(stage_cfg.solver.stop_iter)
+      if not 0 < every <= stop_iter:
+        raise UserError(f'config.pipeline.use_best=True needs validation in stage '
+                        f'{stage_cfg.stage}, but config.eval.every={every} validates no '
+                        f'step up to its config.solver.stop_iter={stop_iter}')
   # Every stage's data and settings, before the first one writes or compiles anything.
   preflight.check_pipeline(
       workdir, {'source_only': source_cfg, 'adversarial': adversarial_cfg,
@@ -203,7 +224,7 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
 
   _record(summary, 'source_only', _run_stage(source_cfg, source_dir), workdir)
   _record(summary, 'adversarial', _run_stage(adversarial_cfg, adversarial_dir), workdir)
-  _pseudo_labels(adversarial_cfg, _final_checkpoint(adversarial_cfg, adversarial_dir),
+  _pseudo_labels(adversarial_cfg, _handed_on(config, adversarial_cfg, adversarial_dir),
                  pseudo_dir)
   _record(summary, 'self_distill', _run_stage(distill_cfg, workdir / 'self_distill'), workdir)
   return summary

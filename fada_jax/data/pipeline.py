@@ -21,7 +21,9 @@ batch, under 'source'.
 
 from __future__ import annotations
 
+import atexit
 import dataclasses
+import gc
 import pathlib
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any
@@ -236,6 +238,37 @@ class _ErrorAsValue:
       return {_ERROR_KEY: str(e)}
 
 
+def _finish_shared_memory_unlinks(timeout: float = 30.0) -> None:
+  """Waits for grain's pending unlinks of the shared memory behind batches from workers.
+
+  A batch from grain's worker processes lives in shared memory that its arrays unlink
+  when they are deleted, on grain's one daemon thread. Batches freed just before exit
+  (the last one an evaluation read) leave unlinks that the exit cuts short, and
+  Python's resource tracker reports each as a leaked shared_memory object. Run at exit:
+  collect what is unreferenced, then wait for a no-op queued behind those unlinks.
+  """
+  gc.collect()
+  shared_memory_array = getattr(grain.multiprocessing, "SharedMemoryArray", None)
+  pool = getattr(shared_memory_array, "_del_thread_pool", None)
+  if pool is not None:
+    try:
+      pool.apply_async(int).wait(timeout)
+    except ValueError:  # the pool was closed already: nothing can be pending on it
+      pass
+
+
+_unlinks_awaited_at_exit = False
+
+
+def _await_unlinks_at_exit() -> None:
+  global _unlinks_awaited_at_exit
+  if not _unlinks_awaited_at_exit:
+    # Registered after multiprocessing's own exit handler, so it runs before it, while
+    # grain's deletion thread still runs.
+    atexit.register(_finish_shared_memory_unlinks)
+    _unlinks_awaited_at_exit = True
+
+
 class BatchIterator(Iterator):
   """Iterator of per-step batches with checkpointable state {'step': int}."""
 
@@ -258,6 +291,7 @@ class BatchIterator(Iterator):
       # tools) they are unparsed, so take their defaults.
       if not flags.FLAGS.is_parsed():
         flags.FLAGS.mark_as_parsed()
+      _await_unlinks_at_exit()
       dataset = dataset.to_iter_dataset(
           grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
       dataset = dataset.mp_prefetch(

@@ -8,6 +8,8 @@ and the data streams (`data.pipeline`). The run lives in one folder:
                             the last `solver.keep_checkpoints` kept
   DIR/metrics.jsonl         one JSON object every `log_every` steps (process 0)
   DIR/tensorboard/          the same scalars as TensorBoard events (tensorboardX)
+  DIR/checkpoints/best/     the model of the highest val mIoU so far (`train.validation`),
+                            when `eval.every` > 0; metrics.jsonl then holds its val rows
   DIR/eval/metrics.json     target-domain evaluation of the final model
 
 Restarting with the same DIR resumes from the newest complete checkpoint: parameters,
@@ -35,6 +37,7 @@ from fada_jax.train import prefetch
 from fada_jax.train import preflight
 from fada_jax.train import state as state_lib
 from fada_jax.train import steps as steps_lib
+from fada_jax.train import validation as validation_lib
 
 CHECKPOINTS_DIR = 'checkpoints'
 EVAL_DIR = 'eval'
@@ -242,6 +245,17 @@ class _Logger:
       shown = {k: f'{v:.4g}' for k, v in record.items() if k.startswith('loss')}
       self._bar.set_postfix(shown, refresh=False)
 
+  def write_validation(self, row: dict, line: str) -> None:
+    """A val row to metrics.jsonl, val/mIoU and val/mAcc to TensorBoard, `line` printed."""
+    if not self.active:
+      return
+    with open(self._path, 'a') as f:
+      f.write(json.dumps(row) + '\n')
+    self._writer.add_scalar('val/mIoU', row['val_miou'], row['step'])
+    self._writer.add_scalar('val/mAcc', row['val_macc'], row['step'])
+    self._writer.flush()
+    self.note(line)
+
   def note(self, message: str) -> None:
     if not self.active:
       return
@@ -387,6 +401,8 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
     if resumed is not None:
       _restore_data_state(iterator, resumed.data, checkpoints.step_dir(start_step))
     logger = _Logger(config, workdir, start_step)
+    validation = validation_lib.Validation(config, checkpoints.directory,
+                                           workdir / METRICS_FILE, start_step)
   except BaseException:
     # Closed here on a failed start (the loop below closes them otherwise): an open
     # orbax manager or grain pipeline fails noisily at interpreter exit.
@@ -408,6 +424,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
   window = []  # (step, metrics) since the last log
   window_start = None
   window_steps = 0
+  window_excluded = 0.0  # seconds of validation inside the window, not step time
 
   try:
     for step in range(start_step + 1, stop_iter + 1):
@@ -436,11 +453,12 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
           else:
             record[name] = window[-1][1][name]
         if window_steps:
-          step_time = (time.perf_counter() - window_start) / window_steps
+          step_time = (time.perf_counter() - window_start - window_excluded) / window_steps
           record['step_time'] = step_time
           record['images_per_second'] = batch_images / step_time
         logger.write(record)
         window, window_steps, window_start = [], 0, time.perf_counter()
+        window_excluded = 0.0
 
       if step % checkpoint_every == 0 or step == stop_iter:
         # Never save a state that a non-finite loss may have produced: every loss up to
@@ -453,6 +471,14 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
                          _checkpoint_meta(config, item_variables))
         last_good = step
         del item_variables, item_train
+
+      if validation.due(step):
+        jax.block_until_ready(state)  # the steps before it count as step time
+        item_variables = _host_tree(_checkpoint_items(state)[0])
+        row = validation.run(step, item_variables, _checkpoint_meta(config, item_variables))
+        del item_variables
+        logger.write_validation(row, validation.line(row))
+        window_excluded += row['val_seconds']
   except _NonFiniteLoss as e:
     last = (f'the last good checkpoint is {checkpoints.step_dir(last_good)}'
             if last_good is not None else 'no checkpoint was written')

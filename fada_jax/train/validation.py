@@ -1,0 +1,187 @@
+"""Validation during training and the best model so far.
+
+Every `config.eval.every` steps (the defaults divide `solver.stop_iter`) the current
+model is evaluated on `config.eval.split` of the target with the same sharded inference
+as `--mode=eval` (the process-wide `Predictor` of `evaluate.predictor_for`, so its step
+compiles once however often it runs). Every process takes part (the metric counts are
+summed over all of them inside the compiled step); process 0 alone writes.
+
+The best model so far lives in DIR/checkpoints/best, a model checkpoint that
+`checkpoint.load_model` reads (format BEST_FORMAT: the arrays in variables/arrays.npz),
+whose meta.json carries its `step` and `val_miou`. Process 0 writes it alone, so it is
+written without orbax, whose saves wait for every process. It is not a
+step folder: orbax's step discovery, retention and `latest_training_checkpoint` read
+numeric folder names only, and `evaluate.find_checkpoints` leaves it out of a folder of
+step checkpoints.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import shutil
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from fada_jax import checkpoint as checkpoint_lib
+from fada_jax.errors import UserError
+from fada_jax.train import distributed
+
+BEST_DIR = 'best'
+BEST_FORMAT = 'fada_jax.best'
+BEST_FORMAT_VERSION = 1
+_ARRAYS_FILE = 'arrays.npz'
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}/'))
+    else:
+      out[f'{prefix}{key}'] = np.asarray(value)
+  return out
+
+
+def save_best(path: pathlib.Path, variables: dict, meta: dict) -> None:
+  """Writes the model at `path` atomically (a crash leaves the old or the new one)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
+  try:
+    (staging / checkpoint_lib.VARIABLES_DIR).mkdir()
+    np.savez(staging / checkpoint_lib.VARIABLES_DIR / _ARRAYS_FILE, **_flatten(variables))
+    checkpoint_lib.write_json_atomic(staging / checkpoint_lib.META_FILE, dict(
+        meta, format=BEST_FORMAT, format_version=BEST_FORMAT_VERSION,
+        parts=sorted(variables)))
+    checkpoint_lib._publish_dir(staging, path)  # pylint: disable=protected-access
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _load_best(path: pathlib.Path, meta: dict) -> tuple[dict, dict]:
+  arrays_path = path / checkpoint_lib.VARIABLES_DIR / _ARRAYS_FILE
+  try:
+    with np.load(arrays_path) as arrays:
+      flat = {name: arrays[name] for name in arrays.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise UserError(f'{arrays_path} cannot be read ({type(e).__name__}: {e}); it is a '
+                    'copy of the best validated model, another is written at the next '
+                    'improvement') from None
+  variables: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = variables
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return variables, meta
+
+
+checkpoint_lib.register_model_loader(BEST_FORMAT, _load_best)
+
+
+def best_checkpoint(checkpoints_dir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(checkpoints_dir) / BEST_DIR
+
+
+def read_best(checkpoints_dir: str | pathlib.Path) -> dict | None:
+  """{'step', 'val_miou'} of DIR/checkpoints/best, or None when there is none."""
+  meta_path = best_checkpoint(checkpoints_dir) / checkpoint_lib.META_FILE
+  try:
+    meta = json.loads(meta_path.read_text())
+    return {'step': int(meta['step']), 'val_miou': float(meta['val_miou'])}
+  except (OSError, ValueError, KeyError, TypeError):
+    return None
+
+
+def _best_of_rows(metrics_path: pathlib.Path, up_to_step: int) -> dict | None:
+  """The highest val_miou among metrics.jsonl's rows up to `up_to_step`."""
+  best = None
+  try:
+    lines = metrics_path.read_text().splitlines()
+  except OSError:
+    return None
+  for line in lines:
+    try:
+      row = json.loads(line)
+    except json.JSONDecodeError:
+      continue
+    if 'val_miou' not in row or row.get('step', 0) > up_to_step:
+      continue
+    if best is None or row['val_miou'] > best['val_miou']:
+      best = {'step': int(row['step']), 'val_miou': float(row['val_miou'])}
+  return best
+
+
+def resumed_best(checkpoints_dir: pathlib.Path, metrics_path: pathlib.Path,
+                 start_step: int) -> dict | None:
+  """The best-so-far record of a run resumed at `start_step`.
+
+  checkpoints/best written at or before the resumed step is the record itself. One
+  written in the lost stretch after it (validation more often than checkpoints) is not
+  part of the resumed run's past: the record is then the best of metrics.jsonl's val
+  rows up to the resumed step, and the rerun of that stretch replaces the folder as soon
+  as it beats that record (the same step again, for a deterministic run).
+  """
+  saved = read_best(checkpoints_dir)
+  if saved is not None and saved['step'] <= start_step:
+    return saved
+  return _best_of_rows(metrics_path, start_step)
+
+
+class Validation:
+  """`due(step)` says when; `run(step, variables, meta)` evaluates, keeps the best model,
+  and returns the metrics.jsonl row."""
+
+  def __init__(self, config, checkpoints_dir: pathlib.Path, metrics_path: pathlib.Path,
+               start_step: int):
+    self.config = config
+    self.every = int(config.eval.get('every', 0))
+    self.checkpoints_dir = pathlib.Path(checkpoints_dir)
+    self.best = (resumed_best(self.checkpoints_dir, metrics_path, start_step)
+                 if self.every and start_step else None)
+    self._predictor = None
+
+  @property
+  def enabled(self) -> bool:
+    return self.every > 0
+
+  def due(self, step: int) -> bool:
+    return self.enabled and step % self.every == 0
+
+  def run(self, step: int, variables: dict, meta: dict) -> dict:
+    """Evaluates host `variables` (feature extractor and classifier) at `step`."""
+    from fada_jax import evaluate  # pylint: disable=g-import-not-at-top
+    from fada_jax.evaluate.run import run_split  # pylint: disable=g-import-not-at-top
+    start = time.perf_counter()
+    if self._predictor is None:
+      self._predictor = evaluate.predictor_for(self.config)
+    placed = self._predictor.place_variables(variables)
+    metrics = run_split(self._predictor, placed, self.config,
+                                 self.config.eval.split, description=f'val {step}')
+    del placed
+    row = {'step': step, 'val_miou': float(metrics['miou']),
+           'val_macc': float(metrics['macc'])}
+    for name, iou in zip(metrics['class_names'], metrics['iou_per_class']):
+      row[f'val_iou/{name}'] = float(iou)
+    if self.best is None or row['val_miou'] > self.best['val_miou']:
+      self.best = {'step': step, 'val_miou': row['val_miou']}
+      if distributed.is_main_process():
+        save_best(best_checkpoint(self.checkpoints_dir), variables,
+                  dict(meta, step=step, val_miou=row['val_miou'], val_macc=row['val_macc'],
+                       val_split=str(self.config.eval.split), source='best validation'))
+    row['val_best_miou'] = self.best['val_miou']
+    row['val_best_step'] = self.best['step']
+    row['val_seconds'] = time.perf_counter() - start
+    return row
+
+  def line(self, row: dict) -> str:
+    """The printed line: step, mIoU, best so far and the time it took."""
+    return (f'step {row["step"]}: val mIoU {100 * row["val_miou"]:.2f} '
+            f'(best {100 * row["val_best_miou"]:.2f} at step {row["val_best_step"]}) '
+            f'in {row["val_seconds"]:.1f}s')
