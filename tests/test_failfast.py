@@ -129,7 +129,7 @@ def test_training_inputs_are_checked_before_anything_is_written(case, data_root,
     expected = rf'config.init_checkpoint={tmp_path}/imagenet: not found'
   elif case == 'init_checkpoint_other_width':
     overrides['init_checkpoint'] = str(_other_width_checkpoint(tmp_path))
-    expected = r'config.init_checkpoint=.*width8: feature_extractor/\S+ has shape'
+    expected = r'config.init_checkpoint=.*width8\b.*: feature_extractor/\S+ has shape'
   elif case == 'batch_over_devices':
     stage, overrides['solver.batch_size'] = 'adversarial', 6
     expected = r'config.solver.batch_size=6: .*does not split evenly over 4 devices'

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 from fada_jax.models import resnet
-from fada_jax.train import fast_conv
+from fada_jax.models import conv_dispatch
 
 DEPTH, WIDTH = 50, 4  # 3, 4, 6, 3 bottlenecks: every stage scans 2 or more blocks
 
@@ -47,7 +47,7 @@ def _loss_outputs_grads(model, variables, images, train, matmul_convs=False):
   @jax.jit
   def run(params, batch_stats, images):
     def loss(params):
-      with fast_conv.use_dot_weight_grads(matmul_convs):
+      with conv_dispatch.use_matmul_convs(matmul_convs):
         features, updates = model.apply({"params": params, "batch_stats": batch_stats},
                                         images, train=train, mutable=["batch_stats"])
       return jnp.mean(features ** 2), (features, updates.get("batch_stats", {}))
