@@ -3,6 +3,12 @@
 Needs no download. Trained alone, this config runs the adversarial stage from random
 initialisation (the quick experiment); with `--mode=pipeline` it runs all three stages.
 Parameter: the stage, e.g. `--config=configs/demo.py:source_only`.
+
+The demo chooses its own schedule and sizes (config_lib's demo part): a ResNet-18 of
+width 16 with trainable batch norm from scratch, 160x80 frames, 300 / 300 / 200 steps at
+base rate 1e-2. Its stage 3 starts from stage 2's model and, unlike the release, trains
+on crops at about the test scale without colour jitter (see config_lib for the measured
+reason).
 """
 
 from fada_jax import config_lib

@@ -21,6 +21,8 @@ then renamed). After every stage the target mIoU so far is printed as a table,
 DIR/summary.json is rewritten:
   {"source_only": {"miou", "iou_per_class", "class_names", "checkpoint"}, "adversarial": ..., ...}
 and DIR/curves.png drawn (`report`: every stage's losses, learning rates and val mIoU).
+At the end DIR/summary.png shows the first target frames as predicted after each stage
+(evaluate/summary_sheet.py).
 
 Each stage hands its final model on, as the release does; config.pipeline.use_best=True
 hands on its best validated model (DIR/<stage>/checkpoints/best) instead.
@@ -227,4 +229,14 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
   _pseudo_labels(adversarial_cfg, _handed_on(config, adversarial_cfg, adversarial_dir),
                  pseudo_dir)
   _record(summary, 'self_distill', _run_stage(distill_cfg, workdir / 'self_distill'), workdir)
+  _summary_sheet(distill_cfg, summary, workdir)
   return summary
+
+
+def _summary_sheet(config, summary: dict, workdir: pathlib.Path) -> None:
+  """DIR/summary.png: the first target frames as predicted after each stage."""
+  from fada_jax.evaluate import summary_sheet  # pylint: disable=g-import-not-at-top
+  models = [summary_sheet.Model(stage, summary[stage]['checkpoint'], summary[stage]['miou'])
+            for stage in STAGES if stage in summary]
+  path = summary_sheet.write_summary_sheet(config, models, workdir / summary_sheet.SUMMARY_IMAGE)
+  _print(f'summary sheet: {path}')

@@ -224,7 +224,8 @@ def run_eval(config, checkpoint_path: str | os.PathLike,
   """`--mode=eval`: evaluates PATH (one checkpoint or a folder of them) into DIR/eval.
 
   Prints the per-class table of each checkpoint, writes results.csv (a row per
-  checkpoint) and metrics.json (the best checkpoint's metrics), returns the latter.
+  checkpoint), metrics.json (the best checkpoint's metrics) and summary.png (the split's
+  first frames as the best checkpoint predicts them), returns the metrics.
   """
   checkpoints = find_checkpoints(checkpoint_path)
   output_dir = pathlib.Path(workdir) / outputs.EVAL_DIR
@@ -252,4 +253,11 @@ def run_eval(config, checkpoint_path: str | os.PathLike,
             f"of {len(records)} checkpoints", flush=True)
   if main_process:
     checkpoint_lib.write_json_atomic(output_dir / outputs.METRICS_FILE, best)
+  from fada_jax.evaluate import summary_sheet  # pylint: disable=g-import-not-at-top
+  sheet = summary_sheet.write_summary_sheet(
+      config, [summary_sheet.Model(pathlib.Path(best["checkpoint"]).name, best["checkpoint"],
+                                   best["miou"])],
+      output_dir / summary_sheet.SUMMARY_IMAGE)
+  if main_process:
+    print(f"summary sheet: {sheet}", flush=True)
   return best
