@@ -92,9 +92,10 @@ def test_smoke_measures_everything_without_the_missing_packages(gpu_like_env, tm
   assert (line['batch'], line['size'], line['target_size']) == (2, '64x32', '64x32')
   assert line['benchmark_command'].startswith('python tools/benchmark.py --mode=train')
   _positive(line, 'compile_seconds', 'step_seconds_median', 'steps_per_second',
-            'images_per_second', 'flops_per_step', 'mfu_measured_bf16')
+            'images_per_second', 'flops_per_step', 'model_flops_per_step',
+            'mfu_measured_bf16')
   assert line['steps_per_second'] == pytest.approx(1 / line['step_seconds_median'], rel=1e-2)
-  expected_mfu = (line['flops_per_step'] * line['steps_per_second']
+  expected_mfu = (line['model_flops_per_step'] * line['steps_per_second']
                   / (peak['matmul_bf16_tflops'] * 1e12))
   assert line['mfu_measured_bf16'] == pytest.approx(expected_mfu, rel=2e-2)
   assert line['mfu_datasheet_bf16'] is None

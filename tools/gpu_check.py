@@ -357,7 +357,8 @@ def derived_rates(result: dict[str, Any], peak: dict[str, Any] | None) -> dict[s
   if not median:
     return {}
   out = {'steps_per_second': _significant(1 / median)}
-  flops = result.get('flops_per_step')
+  # The model's FLOPs: with remat the compiled count sees a scanned loop body once.
+  flops = result.get('model_flops_per_step') or result.get('flops_per_step')
   for key, field in (('mfu_measured_bf16', 'matmul_bf16_tflops'),
                      ('mfu_datasheet_bf16', 'datasheet_bf16_tflops')):
     tflops = (peak or {}).get(field)
