@@ -39,9 +39,9 @@ LEAF_TOLERANCE = 1e-5
 # The change over the steps, norm-wise relative: an update far below a leaf's scale
 # cannot hide behind LEAF_TOLERANCE.
 UPDATE_TOLERANCE = 1e-4
-# Where torch's own float32 run is further from float64 than the tolerances above (the
-# updates of the layers before layer3, 1e-3 off), float32 itself is that imprecise there
-# and JAX's float32 may be as far on another machine: a multiple of torch's error bounds it.
+# Where torch's own float32 run is further from float64 than the tolerances above,
+# float32 itself is that imprecise there and JAX's float32 may be as far on another
+# machine: a multiple of torch's error bounds it (see `_compare_variables`).
 FLOAT32_NOISE_FACTOR = 4
 
 
@@ -130,7 +130,10 @@ def _labels(rng, shape):
   return labels
 
 
-def _segmentation_batches(seed=0):
+def _segmentation_batches(seed=1):
+  # Not seed 0: its early-layer updates jump by 1e-3 (relative) under a 1e-5 relative
+  # perturbation of the logits' gradient, so float32 rounding picks one of two results
+  # there. Seed 1 moves by under 1e-6 up to 1e-4 perturbations (torch float32, frozen BN).
   rng = np.random.default_rng(seed)
   return [{'image': _images(rng, (8, 48, 64, 3)), 'label': _labels(rng, (8, 48, 64))}
           for _ in range(STEPS)]
@@ -243,11 +246,12 @@ def _compare_variables(run):
 
   Each bound is LEAF_TOLERANCE (UPDATE_TOLERANCE) or FLOAT32_NOISE_FACTOR times torch
   float32's own error on that leaf, whichever is larger. The second term is float32's
-  conditioning measured, not assumed: torch float32 is 1e-3 off float64 in the updates
-  of the layers before layer3 (up to 5e-5 of their scale) while JAX is 3e-6 off here,
-  and either could be the far one on another machine or with another summation order
-  (with a gather-and-lerp resize, whose gradient sums in torch's order, JAX is as far
-  as torch and within 1e-7 of it).
+  conditioning measured, not assumed: with the data of seed 0 (see
+  `_segmentation_batches`) torch float32 was 1e-3 off float64 in the updates of the
+  layers before layer3 (up to 5e-5 of their scale) while JAX was 3e-6 off, and either
+  could be the far one on another machine or with another summation order (with a
+  gather-and-lerp resize, whose gradient sums in torch's order, JAX was as far as torch
+  and within 1e-7 of it).
   A wrong learning rate or update formula moves every leaf, the late layers included,
   where float32 is well conditioned and the fixed tolerances hold.
   Returns the worst (max-wise error, norm-wise error, update error), each over its bound.
