@@ -6,11 +6,14 @@ with torch.optim. Each parity run writes the torch networks as a release checkpo
 converts it with the project's converter and starts the JAX run from it through
 `config.init_checkpoint`, as a user continuing from a released model would; the torch
 networks after the steps are converted the same way to compare every parameter and
-running statistic. The JAX steps run on the 4 simulated devices of tests/conftest.py, so
+running statistic. The reference is torch in float64; torch's own float32 run of the same
+steps measures how far float32 rounding alone moves each leaf (see `_compare_variables`).
+The JAX steps run on the 4 simulated devices of tests/conftest.py, so
 trainable BN is checked against torch BN over the whole batch (the release's SyncBatchNorm).
 """
 
 import contextlib
+import copy
 import io
 
 import jax
@@ -29,13 +32,17 @@ WIDTH = 8
 NUM_CLASSES = 5
 BASE_LR, BASE_LR_D, MAX_ITER = 0.005, 1e-4, 10
 STEPS = 2
-# Losses: float32 rounding of the same sums in another order, relative.
+# All against torch float64. Losses: float32 rounding of the same sums, relative.
 LOSS_TOLERANCE = 1e-5
 # Parameters and running statistics: max |jax - torch| over each leaf's max |torch|.
 LEAF_TOLERANCE = 1e-5
 # The change over the steps, norm-wise relative: an update far below a leaf's scale
 # cannot hide behind LEAF_TOLERANCE.
-UPDATE_TOLERANCE = 1e-3
+UPDATE_TOLERANCE = 1e-4
+# Where torch's own float32 run is further from float64 than the tolerances above,
+# float32 itself is that imprecise there and JAX's float32 may be as far on another
+# machine: a multiple of torch's error bounds it (see `_compare_variables`).
+FLOAT32_NOISE_FACTOR = 4
 
 
 def _config(stage, freeze_bn=True, **model):
@@ -123,7 +130,10 @@ def _labels(rng, shape):
   return labels
 
 
-def _segmentation_batches(seed=0):
+def _segmentation_batches(seed=1):
+  # Not seed 0: its early-layer updates jump by 1e-3 (relative) under a 1e-5 relative
+  # perturbation of the logits' gradient, so float32 rounding picks one of two results
+  # there. Seed 1 moves by under 1e-6 up to 1e-4 perturbations (torch float32, frozen BN).
   rng = np.random.default_rng(seed)
   return [{'image': _images(rng, (8, 48, 64, 3)), 'label': _labels(rng, (8, 48, 64))}
           for _ in range(STEPS)]
@@ -153,11 +163,47 @@ def _jax_steps(config, variables, batches):
   return jax.device_get(state), history
 
 
+def _torch_steps(networks, batches, adversarial, dtype):
+  """The release's iterations over `networks` (trained in place) in `dtype`; [metrics]."""
+  trainer = torch_reference.ReleaseTrainer(*networks, base_lr=BASE_LR, base_lr_d=BASE_LR_D,
+                                           max_iter=MAX_ITER)
+  metrics = []
+  for i, batch in enumerate(batches):
+    if adversarial:
+      metrics.append(trainer.adversarial_step(
+          _nchw(batch['source_image']).to(dtype),
+          torch.from_numpy(batch['source_label'].astype(np.int64)),
+          _nchw(batch['target_image']).to(dtype), iteration=i))
+    else:
+      metrics.append(trainer.segmentation_step(
+          _nchw(batch['image']).to(dtype), torch.from_numpy(batch['label'].astype(np.int64)),
+          iteration=i))
+  return metrics
+
+
+def _converted_change(folder, before, networks):
+  """The change of float64 `networks` since the checkpoint `before`, in the converted
+  layout, float64. The converter writes float32, so it converts the change (a layout
+  map, linear): rounding the change, not the leaf, keeps the update exact to float32."""
+  after = torch_reference.fada_checkpoint(*networks)
+  change = {part: {key: (value - before[part][key]) if value.is_floating_point() else value
+                   for key, value in state.items()}
+            for part, state in after.items() if part != 'iteration'}
+  change['iteration'] = 0
+  path = folder / 'change.pth'
+  torch.save(change, path)
+  return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float64),
+                                convert.convert_file(path, 'resnet18', progress=False).variables)
+
+
 def _run(tmp_path_factory, stage, freeze_bn):
-  """The same `STEPS` steps in JAX (from the converted release checkpoint) and in torch."""
+  """The same `STEPS` steps in JAX (from the converted release checkpoint) and in torch,
+  float64 and float32."""
   folder = tmp_path_factory.mktemp(f'{stage}_{"frozen" if freeze_bn else "trainable"}')
   adversarial = stage == 'adversarial'
   networks = _release_networks(freeze_bn, seed=1, discriminator=adversarial)
+  networks64 = tuple(None if n is None else copy.deepcopy(n).double() for n in networks)
+  before64 = torch_reference.fada_checkpoint(*networks64)
   config = _config(stage, freeze_bn=freeze_bn)
   converted = folder / 'initial'
   convert.convert_and_save(_release_file(folder, 'initial', networks, iteration=18000),
@@ -167,25 +213,14 @@ def _run(tmp_path_factory, stage, freeze_bn):
   with contextlib.redirect_stdout(printed):
     variables = loop.initial_variables(config, models.build(config), jax.random.PRNGKey(3))
 
-  trainer = torch_reference.ReleaseTrainer(*networks, base_lr=BASE_LR, base_lr_d=BASE_LR_D,
-                                           max_iter=MAX_ITER)
-  torch_metrics = []
-  if adversarial:
-    batches = _adversarial_batches()
-    for i, batch in enumerate(batches):
-      torch_metrics.append(trainer.adversarial_step(
-          _nchw(batch['source_image']), torch.from_numpy(batch['source_label'].astype(np.int64)),
-          _nchw(batch['target_image']), iteration=i))
-  else:
-    batches = _segmentation_batches()
-    for i, batch in enumerate(batches):
-      torch_metrics.append(trainer.segmentation_step(
-          _nchw(batch['image']), torch.from_numpy(batch['label'].astype(np.int64)),
-          iteration=i))
+  batches = _adversarial_batches() if adversarial else _segmentation_batches()
+  torch_metrics = _torch_steps(networks64, batches, adversarial, torch.float64)
+  _torch_steps(networks, batches, adversarial, torch.float32)
   state, jax_metrics = _jax_steps(config, variables, batches)
-  expected = convert.convert_file(_release_file(folder, 'trained', networks, iteration=0),
-                                  'resnet18', progress=False).variables
-  return dict(config=config, initial=jax.device_get(variables), state=state, expected=expected,
+  torch32 = convert.convert_file(_release_file(folder, 'trained', networks, iteration=0),
+                                 'resnet18', progress=False).variables
+  return dict(config=config, initial=jax.device_get(variables), state=state,
+              change=_converted_change(folder, before64, networks64), torch32=torch32,
               jax_metrics=jax_metrics, torch_metrics=torch_metrics,
               printed=printed.getvalue(), init_checkpoint=str(converted))
 
@@ -201,15 +236,27 @@ def _compare_losses(run, names):
 
 
 def _compare_variables(run):
-  """Every parameter and running statistic after the steps against torch's.
+  """Every parameter and running statistic after the steps against torch float64's.
 
-  SGD leaves and running statistics: max |jax - torch| <= LEAF_TOLERANCE of the leaf's
-  max |torch|. Adam leaves (the discriminator): Adam divides each gradient element by its
-  own running RMS, so an element whose gradient is at rounding level moves by up to the
-  learning rate whatever its rounding; their bound is norm-wise over the leaf instead.
-  Returns the worst (max-wise error, norm-wise error, update error).
+  SGD leaves and running statistics: max |jax - torch| over the leaf's max |torch|.
+  Adam leaves (the discriminator): Adam divides each gradient element by its own running
+  RMS, so an element whose gradient is at rounding level moves by up to the learning rate
+  whatever its rounding; their bound is norm-wise over the leaf instead. Moved leaves
+  also bound the change over the steps, norm-wise relative (UPDATE_TOLERANCE).
+
+  Each bound is LEAF_TOLERANCE (UPDATE_TOLERANCE) or FLOAT32_NOISE_FACTOR times torch
+  float32's own error on that leaf, whichever is larger. The second term is float32's
+  conditioning measured, not assumed: with the data of seed 0 (see
+  `_segmentation_batches`) torch float32 was 1e-3 off float64 in the updates of the
+  layers before layer3 (up to 5e-5 of their scale) while JAX was 3e-6 off, and either
+  could be the far one on another machine or with another summation order (with a
+  gather-and-lerp resize, whose gradient sums in torch's order, JAX was as far as torch
+  and within 1e-7 of it).
+  A wrong learning rate or update formula moves every leaf, the late layers included,
+  where float32 is well conditioned and the fixed tolerances hold.
+  Returns the worst (max-wise error, norm-wise error, update error), each over its bound.
   """
-  state, expected, initial = run['state'], run['expected'], run['initial']
+  state, change, initial, torch32 = run['state'], run['change'], run['initial'], run['torch32']
   got = {part: {'params': state.params[part]} for part in state.params}
   got['feature_extractor']['batch_stats'] = state.batch_stats['feature_extractor']
   worst_leaf = worst_norm = worst_update = 0.0
@@ -217,21 +264,30 @@ def _compare_variables(run):
   for part in got:
     for path, leaf in jax.tree_util.tree_flatten_with_path(got[part])[0]:
       name = f'{part}{jax.tree_util.keystr(path)}'
-      want = np.asarray(_tree_get(expected[part], path), np.float64)
-      leaf = np.asarray(leaf, np.float64)
       start = np.asarray(_tree_get(initial[part], path), np.float64)
-      error = float(np.max(np.abs(leaf - want)) / np.max(np.abs(want)))
-      norm_error = _rel(leaf, want)
-      worst_leaf, worst_norm = max(worst_leaf, error), max(worst_norm, norm_error)
+      step = _tree_get(change[part], path)
+      want = start + step
+      leaf = np.asarray(leaf, np.float64)
+      leaf32 = np.asarray(_tree_get(torch32[part], path), np.float64)
+
+      def errors(x):
+        return float(np.max(np.abs(x - want)) / np.max(np.abs(want))), _rel(x, want)
+
+      (error, norm_error), (error32, norm_error32) = errors(leaf), errors(leaf32)
       if part == 'discriminator':
-        assert norm_error <= LEAF_TOLERANCE, (name, norm_error)
-      else:
-        assert error <= LEAF_TOLERANCE, (name, error)
-      if np.any(want != start):
+        error, error32 = norm_error, norm_error32
+      bound = max(LEAF_TOLERANCE, FLOAT32_NOISE_FACTOR * error32)
+      worst_leaf = max(worst_leaf, error / bound)
+      worst_norm = max(worst_norm, norm_error / max(LEAF_TOLERANCE,
+                                                    FLOAT32_NOISE_FACTOR * norm_error32))
+      assert error <= bound, (name, error, bound)
+      if np.any(step != 0):
         moved += 1
-        update_error = _rel(leaf - start, want - start)
-        worst_update = max(worst_update, update_error)
-        assert update_error <= UPDATE_TOLERANCE, (name, update_error)
+        update_error = _rel(leaf - start, step)
+        update_bound = max(UPDATE_TOLERANCE,
+                           FLOAT32_NOISE_FACTOR * _rel(leaf32 - start, step))
+        worst_update = max(worst_update, update_error / update_bound)
+        assert update_error <= update_bound, (name, update_error, update_bound)
       else:
         np.testing.assert_array_equal(leaf, start, err_msg=name)
   assert moved > 0
@@ -254,8 +310,8 @@ def test_segmentation_steps_match_the_release(segmentation_run):
   leaf_error, norm_error, update_error = _compare_variables(segmentation_run)
   config = segmentation_run['config']
   print(f'\n{config.stage} freeze_bn={config.model.freeze_bn}: loss rel {loss_error:.1e}, '
-        f'max leaf error/scale {leaf_error:.1e} (norm-wise {norm_error:.1e}), '
-        f'update rel {update_error:.1e}')
+        f'max leaf error/bound {leaf_error:.2f} (norm-wise {norm_error:.2f}), '
+        f'update error/bound {update_error:.2f}')
   batch_stats = segmentation_run['state'].batch_stats['feature_extractor']
   initial = segmentation_run['initial']['feature_extractor']['batch_stats']
   stats_moved = any(np.any(np.asarray(a) != np.asarray(b)) for a, b in zip(
@@ -274,8 +330,8 @@ def test_adversarial_steps_from_a_release_checkpoint_match_the_release(adversari
                                                  'loss_D_src', 'loss_D_tgt', 'lr', 'lr_D'))
   leaf_error, norm_error, update_error = _compare_variables(adversarial_run)
   print(f'\nadversarial from a release checkpoint: loss rel {loss_error:.1e}, '
-        f'max leaf error/scale {leaf_error:.1e} (norm-wise {norm_error:.1e}), '
-        f'update rel {update_error:.1e}')
+        f'max leaf error/bound {leaf_error:.2f} (norm-wise {norm_error:.2f}), '
+        f'update error/bound {update_error:.2f}')
   assert adversarial_run['printed'] == (
       'initial variables: loaded feature_extractor, classifier, discriminator from '
       f'{adversarial_run["init_checkpoint"]}\n')
