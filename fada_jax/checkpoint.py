@@ -184,17 +184,23 @@ def _unreadable(variables_dir: pathlib.Path, error: Exception | str) -> UserErro
                    f'incomplete?): {reason}')
 
 
-def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
-  version = meta.get('format_version')
-  if version != MODEL_FORMAT_VERSION:
-    raise UserError(f'model checkpoint {path} has format version {version}; this fada_jax '
-                    f'reads version {MODEL_FORMAT_VERSION}')
+def _readable_variables_dir(path: pathlib.Path) -> pathlib.Path:
+  """The checkpoint's variables folder, once it exists and its array files read back."""
   variables_dir = path / VARIABLES_DIR
   if not variables_dir.is_dir():
     raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
   damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
   if damage:
     raise _unreadable(variables_dir, damage)
+  return variables_dir
+
+
+def _load_model_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]:
+  version = meta.get('format_version')
+  if version != MODEL_FORMAT_VERSION:
+    raise UserError(f'model checkpoint {path} has format version {version}; this fada_jax '
+                    f'reads version {MODEL_FORMAT_VERSION}')
+  variables_dir = _readable_variables_dir(path)
   try:
     variables = _restore_tree(variables_dir)
   except DAMAGED_FILE_ERRORS as e:
@@ -216,12 +222,7 @@ def check_model_readable(path: str | os.PathLike) -> None:
   if meta.get('format') not in _MODEL_LOADERS:
     raise UserError(f'{path} is not a model checkpoint (format {meta.get("format")!r}; '
                     f'readable: {sorted(_MODEL_LOADERS)})')
-  variables_dir = path / VARIABLES_DIR
-  if not variables_dir.is_dir():
-    raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
-  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
-  if damage:
-    raise _unreadable(variables_dir, damage)
+  _readable_variables_dir(path)
 
 
 def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
