@@ -24,7 +24,7 @@ from fada_jax.data import prepared
 from fada_jax.data import synthetic
 from fada_jax.errors import UserError
 from fada_jax.train import preflight
-from tiny_runs import REPO, checkpoint_arrays, environment, main_command
+from tiny_runs import REPO, checkpoint_arrays, environment, main_command, set_fields
 
 TINY_FOLDER = {'model.arch': 'resnet18', 'model.width': 4, 'data.source_size': (32, 16),
                'data.target_size': (32, 16), 'data.test_size': (32, 16),
@@ -41,13 +41,7 @@ def data_root(tmp_path_factory):
 
 def _config(stage='source_only', **overrides):
   config = config_lib.make_config('g2c', stage, 'resnet18')
-  for name, value in dict(TINY_FOLDER, **overrides).items():
-    node = config
-    *parents, leaf = name.split('.')
-    for key in parents:
-      node = node[key]
-    node[leaf] = value
-  return config
+  return set_fields(config, dict(TINY_FOLDER, **overrides))
 
 
 # ---------------------------------------------------------------------------------------

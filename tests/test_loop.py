@@ -19,7 +19,7 @@ from fada_jax import config_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
 from fada_jax.train import loop
-from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command,
+from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command, set_fields,
                        synthetic_target_val_miou)
 
 
@@ -109,13 +109,7 @@ def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_p
 
 def _tiny_config(stage, **overrides):
   config = config_lib.make_config('demo', stage)
-  for name, value in dict(TINY, **overrides).items():
-    node = config
-    *parents, leaf = name.split('.')
-    for key in parents:
-      node = node[key]
-    node[leaf] = value
-  return config
+  return set_fields(config, dict(TINY, **overrides))
 
 
 def test_init_checkpoint_with_other_classes_is_one_clear_error(tmp_path):

@@ -28,6 +28,17 @@ TINY = {
 }
 
 
+def set_fields(config, fields: dict):
+  """`config` with each dotted field ('data.source_size', ...) of `fields` set."""
+  for name, value in fields.items():
+    node = config
+    *parents, leaf = name.split('.')
+    for key in parents:
+      node = node[key]
+    node[leaf] = value
+  return config
+
+
 def config_flag(name, value) -> str:
   if isinstance(value, tuple):
     value = '(' + ','.join(str(v) for v in value) + ')'
