@@ -2,7 +2,7 @@
 
   stage 1  source_only   (init: config.init_checkpoint, ImageNet; '' = random)  -> eval
   stage 2  adversarial   (init: stage 1's final checkpoint)                      -> eval
-  pseudo labels of the stage-2 model on the target training split
+  pseudo labels of the stage-2 model on the target training split (config.pseudo_label)
   stage 3  self_distill  (init: config.init_checkpoint again, or with none, stage 2's
                          final checkpoint; trained on the pseudo labels)        -> eval
 
@@ -17,8 +17,8 @@ its labelled data).
 Rerunning the same command continues where it stopped: a stage whose final checkpoint is
 evaluated is skipped, an interrupted stage resumes from its newest checkpoint, and the
 pseudo labels count only once their folder is complete (written under a temporary name,
-then renamed). After every stage the target mIoU so far is printed as a table,
-DIR/summary.json is rewritten:
+then renamed) and made by the same model and config.pseudo_label. After every stage the
+target mIoU so far is printed as a table, DIR/summary.json is rewritten:
   {"source_only": {"miou", "iou_per_class", "class_names", "checkpoint"}, "adversarial": ..., ...}
 and DIR/curves.png drawn (`report`: every stage's losses, learning rates and val mIoU).
 At the end DIR/summary.png shows the first target frames as predicted after each stage
@@ -142,9 +142,13 @@ def _pseudo_labels(stage_cfg, checkpoint_dir: pathlib.Path, out_dir: pathlib.Pat
   """Stage-2 predictions on the target training split into `out_dir`, atomically."""
   from fada_jax import evaluate  # pylint: disable=g-import-not-at-top
   marker = out_dir / PSEUDO_LABEL_MARKER
+  made_by = {'checkpoint': str(checkpoint_dir),
+             'keep_fraction': float(stage_cfg.pseudo_label.keep_fraction),
+             'keep_confidence': float(stage_cfg.pseudo_label.keep_confidence)}
   if marker.is_file():
     try:
-      if json.loads(marker.read_text()).get('checkpoint') == str(checkpoint_dir):
+      written = json.loads(marker.read_text())
+      if all(written.get(key) == value for key, value in made_by.items()):
         _print(f'pseudo labels: complete in {out_dir}, skipped')
         return
     except (OSError, json.JSONDecodeError):
@@ -157,11 +161,13 @@ def _pseudo_labels(stage_cfg, checkpoint_dir: pathlib.Path, out_dir: pathlib.Pat
   _print(f'pseudo labels: {checkpoint_dir} on {stage_cfg.data.target} train -> {out_dir}')
   variables, _ = checkpoint_lib.load_model(checkpoint_dir)
   metrics = evaluate.write_pseudo_labels(stage_cfg, variables, partial, 'train')
+  _print(f'pseudo labels: {metrics["num_images"]} images, {100 * metrics["kept_fraction"]:.1f}% '
+         'of the pixels labelled')
   distributed.barrier('fada_pseudo_labels_written')
   if distributed.is_main_process():
-    checkpoint_lib.write_json_atomic(partial / PSEUDO_LABEL_MARKER, {
-        'checkpoint': str(checkpoint_dir), 'num_images': metrics.get('num_images'),
-        'miou_against_labels': metrics.get('miou')})
+    checkpoint_lib.write_json_atomic(partial / PSEUDO_LABEL_MARKER, dict(
+        made_by, num_images=metrics.get('num_images'),
+        miou_against_labels=metrics.get('miou'), kept_fraction=metrics.get('kept_fraction')))
     if out_dir.exists():
       shutil.rmtree(out_dir)
     os.rename(partial, out_dir)

@@ -322,6 +322,79 @@ def test_pseudo_labels_are_full_resolution_palette_pngs_of_the_predictions(
   np.testing.assert_array_equal(pseudo[0]["label"], expected[0])
 
 
+def _brute_force_thresholds(classes, bins, keep_fraction, cap_bin, num_classes=19):
+  """Per class: the bin of its ceil(keep_fraction * N)-th most confident pixel, capped."""
+  thresholds = np.full(num_classes, cap_bin)
+  for c in range(num_classes):
+    ordered = np.sort(bins[classes == c])[::-1]
+    if ordered.size:
+      needed = int(np.ceil(keep_fraction * ordered.size - 1e-9))
+      thresholds[c] = min(ordered[needed - 1], cap_bin)
+  return thresholds
+
+
+@pytest.mark.parametrize("keep_fraction, keep_confidence", [(0.5, 0.6), (0.3, 1.0), (1.0, 0.9)])
+def test_class_thresholds_keep_each_class_s_most_confident_fraction(keep_fraction,
+                                                                    keep_confidence):
+  rng = np.random.default_rng(0)
+  bins = evaluate.CONFIDENCE_BINS
+  # Classes of very different sizes (one empty), confidences clustered so that ties and
+  # bins holding many pixels occur.
+  classes = rng.choice(19, 20000, p=np.r_[0.3, 0.2, 0.0, np.full(16, 0.5 / 16)])
+  confidence_bin = np.minimum((rng.beta(2, 1, classes.size) * 60).astype(int) * 16, bins - 1)
+  histogram = np.zeros((19, bins), np.int64)
+  np.add.at(histogram, (classes, confidence_bin), 1)
+  got = evaluate.class_thresholds(histogram, keep_fraction, keep_confidence)
+  cap_bin = int(round(keep_confidence * bins))
+  want = _brute_force_thresholds(classes, confidence_bin, keep_fraction, cap_bin)
+  present = np.bincount(classes, minlength=19) > 0
+  np.testing.assert_array_equal(got[present], want[present])
+  for c in np.flatnonzero(present):
+    kept = np.sum(confidence_bin[classes == c] >= got[c])
+    assert kept >= keep_fraction * np.sum(classes == c) - 1e-9
+
+
+@pytest.mark.parametrize("flip", [False, True])
+def test_confident_pseudo_labels_keep_each_class_s_most_confident_pixels(
+    data_root, model, tmp_path, flip):
+  """config.pseudo_label below 1 against the same selection done with numpy on the
+  model's own class probabilities."""
+  variables, _ = model
+  config = make_config(data_root, flip=flip)
+  config.pseudo_label.keep_fraction = 0.4
+  config.pseudo_label.keep_confidence = 0.95
+  out = tmp_path / "pseudo"
+  metrics = evaluate.write_pseudo_labels(config, variables, out, split="train")
+  source = pipeline.open_source(config, "cityscapes", "train")
+  examples = [source[i] for i in range(len(source))]
+  predictor = evaluate.predictor_for(config)
+  placed = predictor.place_variables(variables)
+  scores = jax.jit(predictor.scores, static_argnums=2)(
+      placed, jnp.asarray(normalized([e["image"] for e in examples])), IMAGE_SIZE[::-1])
+  scores = np.asarray(scores, np.float64)
+  if flip:  # averaged probabilities
+    probabilities = scores
+  else:  # logits
+    probabilities = np.exp(scores - scores.max(-1, keepdims=True))
+    probabilities /= probabilities.sum(-1, keepdims=True)
+  classes = probabilities.argmax(-1)
+  scaled = probabilities.max(-1) * evaluate.CONFIDENCE_BINS
+  bins = np.minimum(np.floor(scaled), evaluate.CONFIDENCE_BINS - 1).astype(int)
+  thresholds = _brute_force_thresholds(classes, bins, 0.4, 950)
+  expected = np.where(bins >= thresholds[classes], classes, 255)
+  written = []
+  for example in examples:
+    with Image.open(out / f"{example['name']}.png") as image:
+      written.append(np.asarray(image))
+  written = np.stack(written)
+  # float32 against float64 rounding may move a pixel lying on a bin edge to the next bin.
+  on_edge = np.abs(scaled - np.round(scaled)) < 1e-3
+  assert np.all((written == expected) | on_edge)
+  assert np.mean(written == expected) > 0.99
+  assert 0.4 <= metrics["kept_fraction"] < 1 and np.any(written == 255)
+  assert metrics["kept_fraction"] == pytest.approx(np.mean(written != 255))
+
+
 # ----------------------------------------------------------------------------- bad input
 
 

@@ -59,6 +59,8 @@ def _config(stage='source_only', **overrides):
     ('solver.base_lr', -1e-3, r'base_lr=-0.001 must be a number >= 0'),
     ('solver.temperature', 0.0, r'temperature=0.0 must be > 0'),
     ('data.workers', -1, r'workers=-1 must be an integer >= 0'),
+    ('pseudo_label.keep_fraction', 0.0, r'keep_fraction=0.0 must be in \(0, 1\]'),
+    ('pseudo_label.keep_confidence', 1.5, r'keep_confidence=1.5 must be in \(0, 1\]'),
 ])
 def test_config_ranges(field, value, expected):
   with pytest.raises(UserError, match=expected):

@@ -13,10 +13,11 @@ import subprocess
 import jax
 import numpy as np
 import pytest
+from PIL import Image
 
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
-from tiny_runs import REPO, checkpoint_arrays, environment, main_command
+from tiny_runs import REPO, TINY, checkpoint_arrays, environment, main_command
 
 TIMEOUT_S = 300
 # Two steps, a checkpoint after each: the first is compared array by array (one step keeps
@@ -27,6 +28,7 @@ MULTIHOST = {'solver.stop_iter': 2, 'solver.checkpoint_every': 1}
 # there by 3.5e-7; 1e-4 is still far below what a wrong reduction (a shard missing or
 # counted twice: an error of order 1) gives.
 ROUNDING_BOUND = 1e-4
+MULTIHOST_FRAMES = TINY['data.synthetic_size']  # target train frames: pseudo labels
 
 
 def _free_port() -> int:
@@ -35,8 +37,11 @@ def _free_port() -> int:
     return s.getsockname()[1]
 
 
-def _command(workdir, overrides=None, process=None):
-  command = main_command('configs/demo.py', workdir, dict(MULTIHOST, **(overrides or {})))
+def _command(workdir, overrides=None, process=None, mode='train', checkpoint=None):
+  command = main_command('configs/demo.py', workdir, dict(MULTIHOST, **(overrides or {})),
+                         mode=mode)
+  if checkpoint is not None:
+    command.append(f'--checkpoint={checkpoint}')
   if process is not None:
     port, index, count = process
     command += [f'--coordinator_address=127.0.0.1:{port}', f'--num_processes={count}',
@@ -44,11 +49,12 @@ def _command(workdir, overrides=None, process=None):
   return command
 
 
-def _launch_pair(workdir, cache_dir, overrides=(None, None)):
+def _launch_pair(workdir, cache_dir, overrides=(None, None), **command):
   """Starts two processes of one run; returns [(returncode, stderr)] of both."""
   port = _free_port()
   env = environment(cache_dir, devices=2)
-  processes = [subprocess.Popen(_command(workdir, overrides[i], (port, i, 2)), cwd=REPO,
+  processes = [subprocess.Popen(_command(workdir, overrides[i], (port, i, 2), **command),
+                                cwd=REPO,
                                 env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                                 text=True) for i in range(2)]
   results = []
@@ -140,6 +146,26 @@ def test_two_processes_of_two_devices_equal_one_process_of_four(tmp_path, cache_
   single_eval = json.loads((single / 'eval' / 'metrics.json').read_text())
   pair_eval = json.loads((pair / 'eval' / 'metrics.json').read_text())
   assert pair_eval['miou'] == pytest.approx(single_eval['miou'], abs=1e-4)
+
+  # Pseudo labels (the demo's class-balanced ones: a histogram over both processes' images).
+  labels = {}
+  for name, processes in (('single', 1), ('pair', 2)):
+    workdir = tmp_path / f'labels_{name}'
+    command = dict(mode='pseudo_label', checkpoint=single / 'checkpoints' / '2')
+    if processes == 1:
+      result = subprocess.run(_command(workdir, **command), cwd=REPO,
+                              env=environment(cache_dir, 4), capture_output=True, text=True,
+                              timeout=TIMEOUT_S)
+      assert result.returncode == 0, result.stderr[-3000:]
+    else:
+      for index, (returncode, stderr) in enumerate(_launch_pair(workdir, cache_dir, **command)):
+        assert returncode == 0, f'process {index}: {stderr[-3000:]}'
+    files = sorted((workdir / 'pseudo_labels').rglob('*.png'))
+    assert len(files) == MULTIHOST_FRAMES
+    labels[name] = np.stack([np.asarray(Image.open(f)) for f in files])
+  assert np.any(labels['single'] == 255) and np.any(labels['single'] != 255)
+  # Equal but where rounding moves a pixel's confidence across a bin edge.
+  assert np.mean(labels['pair'] == labels['single']) > 0.999
 
 
 def test_processes_with_different_configs_fail_clearly_instead_of_hanging(tmp_path, cache_dir):

@@ -86,9 +86,12 @@ def test_pipeline_runs_the_three_stages_and_resumes_as_done(tmp_path, cache_dir)
   frame = synthetic.make_synthetic_source('target', 'train', 19, size=FRAMES, seed=0)[0]
   with Image.open(labels[0]) as image:
     assert image.mode == 'P' and image.size == frame['label'].shape[::-1]
-    assert np.asarray(image).max() < 19
+    values = set(np.unique(np.asarray(image)).tolist())
+  # The demo keeps the confident half of each class's pixels (config.pseudo_label).
+  assert values <= set(range(19)) | {255} and len(values - {255}) > 0
   marker = json.loads((workdir / 'pseudo_labels' / 'complete.json').read_text())
   assert marker['checkpoint'] == str(workdir / 'adversarial' / 'checkpoints' / str(STEPS))
+  assert marker['keep_fraction'] == 0.5 and 0.5 <= marker['kept_fraction'] < 1
   assert not (workdir / 'pseudo_labels.partial').exists()
 
   # Rerunning the command finds every stage finished and the pseudo labels complete.

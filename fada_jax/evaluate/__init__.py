@@ -12,19 +12,20 @@ The names below are the package's interface: `from fada_jax import evaluate;
 evaluate.run_eval(...)`.
 """
 
-from fada_jax.evaluate.inference import (InferenceSettings, Predictor, fold_batch_norm,
-                                         predictor_for, scaled_size)
+from fada_jax.evaluate.inference import (CONFIDENCE_BINS, InferenceSettings, Predictor,
+                                         fold_batch_norm, predictor_for, scaled_size)
 from fada_jax.evaluate.metrics import (EPSILON, MetricAccumulator, confusion_counts,
                                        metrics_from_counts)
 from fada_jax.evaluate.outputs import (EVAL_DIR, METRICS_FILE, RESULTS_FILE, format_table,
                                        save_palette_png, save_train_id_png)
-from fada_jax.evaluate.pseudo_labels import run_pseudo_label, write_pseudo_labels
+from fada_jax.evaluate.pseudo_labels import (class_thresholds, run_pseudo_label,
+                                             write_pseudo_labels)
 from fada_jax.evaluate.run import (checkpoint_step, evaluate_checkpoint, find_checkpoints,
                                    load_checkpoint_for_eval, run_eval)
 
 __all__ = [
-    "EPSILON", "EVAL_DIR", "METRICS_FILE", "RESULTS_FILE",
-    "InferenceSettings", "MetricAccumulator", "Predictor", "checkpoint_step",
+    "CONFIDENCE_BINS", "EPSILON", "EVAL_DIR", "METRICS_FILE", "RESULTS_FILE",
+    "InferenceSettings", "MetricAccumulator", "Predictor", "checkpoint_step", "class_thresholds",
     "confusion_counts", "evaluate_checkpoint", "find_checkpoints", "fold_batch_norm",
     "format_table", "load_checkpoint_for_eval", "metrics_from_counts",
     "predictor_for", "run_eval", "run_pseudo_label", "save_palette_png",

@@ -35,12 +35,16 @@ from jax.experimental import multihost_utils
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fada_jax import models as models_lib
-from fada_jax.constants import DATA_AXIS, make_mesh
+from fada_jax.constants import DATA_AXIS, IGNORE_LABEL, make_mesh
 from fada_jax.data import transforms
 from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
 from fada_jax.models import conv_dispatch, layers
 from fada_jax.models import variables as variables_lib
+
+
+# Resolution of the confidence histogram of confidence-filtered pseudo labels.
+CONFIDENCE_BINS = 1000
 
 
 # ----------------------------------------------------------------------------- batch norm folding
@@ -143,6 +147,9 @@ class Predictor:
         out_shardings=(self.replicated, self.replicated, self.batch_sharded))
     self._predict = jax.jit(self._predict_impl, static_argnames=("out_hw",),
                             out_shardings=self.batch_sharded)
+    self._pseudo_label_step = jax.jit(
+        self._pseudo_label_step_impl,
+        out_shardings=(self.replicated, self.replicated, self.batch_sharded, self.replicated))
 
   @property
   def num_devices(self) -> int:
@@ -225,6 +232,24 @@ class Predictor:
       predictions = jnp.zeros((predictions.shape[0],), jnp.uint8)
     return counts, num_valid, predictions
 
+  def _pseudo_label_step_impl(self, variables, images, labels, valid, min_bin):
+    scores = self.scores(variables, images, labels.shape[1:3])
+    predictions = jnp.argmax(scores, axis=-1).astype(jnp.uint8)
+    counts = confusion_counts(predictions, labels, valid, self.num_classes)
+    num_valid = jnp.sum(valid.astype(jnp.int32))
+    # Single scale without flip scores with logits; otherwise with mean probabilities.
+    probabilities = jax.nn.softmax(scores, axis=-1) if self.settings.single else scores
+    bins = jnp.floor(jnp.max(probabilities, axis=-1) * CONFIDENCE_BINS).astype(jnp.int32)
+    bins = jnp.clip(bins, 0, CONFIDENCE_BINS - 1)
+    # Integer bincount: exact in any order. Padding examples go to a last, dropped bucket.
+    size = self.num_classes * CONFIDENCE_BINS
+    index = jnp.where(valid[:, None, None], predictions.astype(jnp.int32) * CONFIDENCE_BINS + bins,
+                      size)
+    histogram = jnp.bincount(index.ravel(), length=size + 1)[:size]
+    kept = jnp.where(bins >= min_bin[predictions.astype(jnp.int32)], predictions,
+                     jnp.uint8(IGNORE_LABEL))
+    return counts, num_valid, kept, histogram.reshape(self.num_classes, CONFIDENCE_BINS)
+
   def predict(self, variables, images: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     """uint8 [B, out_h, out_w] train ids of this process's `images`, uint8 pixels or
     normalised floats (any B: padded to a multiple of the local devices and cropped back)."""
@@ -241,6 +266,20 @@ class Predictor:
                            self.global_batch(valid), with_predictions=with_predictions)
 
   # -- host <-> mesh
+
+  def pseudo_label_step(self, variables, images, labels, valid, min_bin: np.ndarray):
+    """The eval step for confidence-filtered pseudo labels: ([3, K] counts of the plain
+    predictions, number of valid examples, predictions with the ignore label wherever
+    the pixel's confidence bin is below `min_bin[its class]`, [K, CONFIDENCE_BINS]
+    pixel counts of the valid examples by predicted class and confidence bin).
+
+    A pixel's confidence is its highest class probability (softmax of the logits, or the
+    averaged probabilities of flip / multi-scale); bin b holds [b, b + 1) / CONFIDENCE_BINS.
+    """
+    return self._pseudo_label_step(variables, self.global_batch(images),
+                                   self.global_batch(labels), self.global_batch(valid),
+                                   jax.device_put(np.asarray(min_bin, np.int32),
+                                                  self.replicated))
 
   def local_batch_multiple(self) -> int:
     """This process's batch must be a multiple of its device count."""

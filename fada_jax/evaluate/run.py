@@ -26,7 +26,7 @@ from fada_jax import checkpoint as checkpoint_lib
 from fada_jax.constants import IGNORE_LABEL
 from fada_jax.errors import UserError
 from fada_jax.evaluate import outputs
-from fada_jax.evaluate.inference import Predictor, pad_rows, predictor_for
+from fada_jax.evaluate.inference import CONFIDENCE_BINS, Predictor, pad_rows, predictor_for
 from fada_jax.evaluate.metrics import MetricAccumulator
 from fada_jax.train import validation as _validation  # noqa: F401  (reads checkpoints/best)
 
@@ -85,11 +85,16 @@ def _num_images(config, split: str) -> int | None:
 
 
 def run_split(predictor: Predictor, variables: dict, config, split: str, *,
-              mask_fn=None, description: str = "eval") -> dict[str, Any]:
+              mask_fn=None, description: str = "eval",
+              min_confidence_bin: np.ndarray | None = None) -> dict[str, Any]:
   """Evaluates the placed `variables` on `split` of the target; returns the metrics.
 
   `mask_fn(name, prediction)` (optional) receives each of this process's predictions,
-  cropped to its label size.
+  cropped to its label size. With `min_confidence_bin` ([K] ints) it runs the pseudo-label
+  step instead: the predictions handed to `mask_fn` are ignored (255) wherever a pixel's
+  confidence bin is below `min_confidence_bin[its class]`, and the metrics (of the
+  unfiltered predictions) gain 'confidence_histogram', [K, CONFIDENCE_BINS] pixel counts
+  of the whole split (`Predictor.pseudo_label_step`).
   """
   process_index, process_count = jax.process_index(), jax.process_count()
   loader = _loader(config, split, process_index, process_count)
@@ -101,9 +106,15 @@ def run_split(predictor: Predictor, variables: dict, config, split: str, *,
                   disable=process_index != 0, file=sys.stderr, smoothing=0.1)
   pending: list[tuple[Any, _Chunk]] = []
 
+  histogram = None
+
   def consume(step_outputs, chunk: _Chunk) -> None:
-    counts, num_valid, predictions = step_outputs
+    nonlocal histogram
+    counts, num_valid, predictions = step_outputs[:3]
     accumulator.add(np.asarray(counts), int(num_valid))
+    if len(step_outputs) == 4:
+      step_histogram = np.asarray(step_outputs[3], np.int64)
+      histogram = step_histogram if histogram is None else histogram + step_histogram
     progress.update(int(num_valid))
     if with_predictions:
       rows = predictor.local_rows(predictions)
@@ -114,8 +125,12 @@ def run_split(predictor: Predictor, variables: dict, config, split: str, *,
   try:
     for batch in loader:
       for chunk in _chunks(batch, multiple):
-        step_outputs = predictor.eval_step(variables, chunk.images, chunk.labels, chunk.valid,
-                                           with_predictions=with_predictions)
+        if min_confidence_bin is None:
+          step_outputs = predictor.eval_step(variables, chunk.images, chunk.labels,
+                                             chunk.valid, with_predictions=with_predictions)
+        else:
+          step_outputs = predictor.pseudo_label_step(variables, chunk.images, chunk.labels,
+                                                     chunk.valid, min_confidence_bin)
         # Dispatch is asynchronous: fetch the previous step's results while this one runs.
         while pending:
           consume(*pending.pop(0))
@@ -127,7 +142,12 @@ def run_split(predictor: Predictor, variables: dict, config, split: str, *,
     close = getattr(loader, "close", None)
     if close is not None:
       close()
-  return accumulator.result()
+  result = accumulator.result()
+  if min_confidence_bin is not None:
+    result["confidence_histogram"] = (
+        np.zeros((predictor.num_classes, CONFIDENCE_BINS), np.int64)
+        if histogram is None else histogram)
+  return result
 
 
 # ----------------------------------------------------------------------------- one checkpoint
