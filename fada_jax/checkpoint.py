@@ -57,12 +57,16 @@ def register_model_loader(format_name: str, loader: ModelLoader) -> None:
 
 def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
   """Writes JSON to `path` via a temporary file and rename (never a half-written file)."""
+  write_text_atomic(path, json.dumps(obj, indent=2, sort_keys=True) + '\n')
+
+
+def write_text_atomic(path: pathlib.Path, text: str) -> None:
+  """Writes `text` to `path` via a temporary file and rename (never a half-written file)."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
     with os.fdopen(fd, 'w') as f:
-      json.dump(obj, f, indent=2, sort_keys=True)
-      f.write('\n')
+      f.write(text)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):
@@ -346,7 +350,7 @@ class TrainingCheckpoints:
         self._manager.wait_until_finished()
       self.write_meta(step, meta)
     except (OSError, ValueError) as e:
-      reason = _storage_failure(e)
+      reason = storage_failure(e)
       if reason is None:
         raise
       # orbax may have committed this step before meta.json failed (resume rewrites it).
@@ -494,7 +498,7 @@ def _check_written_by(step_dir: pathlib.Path, expected: dict[str, Any]) -> None:
                       f'{value!r}; use a new --workdir for another configuration')
 
 
-def _storage_failure(error: Exception) -> str | None:
+def storage_failure(error: Exception) -> str | None:
   """Why a write failed, when the disk or the folder is at fault (else None: our bug)."""
   if isinstance(error, OSError) and error.errno in _STORAGE_ERRNOS:
     return os.strerror(error.errno).lower()

@@ -453,6 +453,25 @@ def test_a_save_that_cannot_fit_is_refused_before_writing(tmp_path, monkeypatch)
   assert sorted(p.name for p in directory.iterdir()) == ['2']
 
 
+@pytest.mark.skipif(not os.path.exists('/dev/full'), reason='needs /dev/full (Linux)')
+def test_a_full_disk_while_logging_is_one_line(tmp_path):
+  """metrics.jsonl on a device that is always full (/dev/full: every write is ENOSPC)."""
+  from fada_jax.train import loop  # pylint: disable=g-import-not-at-top
+  config = _config()
+  logger = loop._Logger(config, tmp_path, 0)  # pylint: disable=protected-access
+  try:
+    logger.write({'step': 1, 'loss_seg': 1.0})
+    (tmp_path / loop.METRICS_FILE).unlink()
+    (tmp_path / loop.METRICS_FILE).symlink_to('/dev/full')
+    with pytest.raises(UserError) as error:
+      logger.write({'step': 2, 'loss_seg': 0.5})
+  finally:
+    logger.close()
+  assert str(error.value) == (
+      f'cannot write {tmp_path / loop.METRICS_FILE}: no space left on device; free space (or '
+      'fix the folder), then rerun the same command: it resumes from the newest checkpoint')
+
+
 def test_a_fault_of_ours_while_saving_keeps_its_traceback(tmp_path):
   store = checkpoint.TrainingCheckpoints(tmp_path / 'checkpoints', keep=5)
   variables, train = _tree(2)

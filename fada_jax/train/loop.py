@@ -220,7 +220,8 @@ class _Logger:
             kept.append(line)
         except json.JSONDecodeError:
           continue  # a line cut short by a kill
-      self._path.write_text(''.join(f'{line}\n' for line in kept))
+      self._guard(lambda: checkpoint_lib.write_text_atomic(
+          self._path, ''.join(f'{line}\n' for line in kept)))
     from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
     self._writer = SummaryWriter(str(workdir / 'tensorboard'))
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
@@ -234,8 +235,7 @@ class _Logger:
   def write(self, record: dict) -> None:
     if not self.active:
       return
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(record) + '\n')
+    self._append(record)
     step = record['step']
     for key, value in record.items():
       if key != 'step':
@@ -249,12 +249,29 @@ class _Logger:
     """A val row to metrics.jsonl, val/mIoU and val/mAcc to TensorBoard, `line` printed."""
     if not self.active:
       return
-    with open(self._path, 'a') as f:
-      f.write(json.dumps(row) + '\n')
+    self._append(row)
     self._writer.add_scalar('val/mIoU', row['val_miou'], row['step'])
     self._writer.add_scalar('val/mAcc', row['val_macc'], row['step'])
     self._writer.flush()
     self.note(line)
+
+  def _append(self, row: dict) -> None:
+    def append():
+      with open(self._path, 'a') as f:
+        f.write(json.dumps(row) + '\n')
+    self._guard(append)
+
+  def _guard(self, write) -> None:
+    """Runs `write`; a full disk or an unwritable folder is a one-line UserError."""
+    try:
+      write()
+    except OSError as e:
+      reason = checkpoint_lib.storage_failure(e)
+      if reason is None:
+        raise
+      raise UserError(f'cannot write {self._path}: {reason}; free space (or fix the folder), '
+                      'then rerun the same command: it resumes from the newest '
+                      'checkpoint') from None
 
   def note(self, message: str) -> None:
     if not self.active:
