@@ -54,9 +54,8 @@ def _launch_pair(workdir, cache_dir, overrides=(None, None), **command):
   port = _free_port()
   env = environment(cache_dir, devices=2)
   processes = [subprocess.Popen(_command(workdir, overrides[i], (port, i, 2), **command),
-                                cwd=REPO,
-                                env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                                text=True) for i in range(2)]
+                                cwd=REPO, env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True) for i in range(2)]
   results = []
   try:
     for process in processes:
