@@ -31,6 +31,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 
 from fada_jax.errors import UserError
+from fada_jax.train import distributed
 
 META_FILE = 'meta.json'
 VARIABLES_DIR = 'variables'
@@ -188,11 +189,11 @@ def _unreadable(variables_dir: pathlib.Path, error: Exception | str) -> UserErro
                    f'incomplete?): {reason}')
 
 
-def _readable_variables_dir(path: pathlib.Path) -> pathlib.Path:
+def _readable_variables_dir(path: pathlib.Path, kind: str = 'model') -> pathlib.Path:
   """The checkpoint's variables folder, once it exists and its array files read back."""
   variables_dir = path / VARIABLES_DIR
   if not variables_dir.is_dir():
-    raise UserError(f'model checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
+    raise UserError(f'{kind} checkpoint is incomplete (no {VARIABLES_DIR}/): {path}')
   damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
   if damage:
     raise _unreadable(variables_dir, damage)
@@ -271,12 +272,7 @@ def _load_train_format(path: pathlib.Path, meta: Meta) -> tuple[Variables, Meta]
   if version != TRAIN_FORMAT_VERSION:
     raise UserError(f'training checkpoint {path} has format version {version}; this '
                     f'fada_jax reads version {TRAIN_FORMAT_VERSION}')
-  variables_dir = path / 'variables'
-  if not variables_dir.is_dir():
-    raise UserError(f'training checkpoint is incomplete (no variables/): {path}')
-  damage = _damaged_tree(variables_dir) if (variables_dir / '_METADATA').is_file() else None
-  if damage:
-    raise _unreadable(variables_dir, damage)
+  variables_dir = _readable_variables_dir(path, 'training')
   try:
     # Through the step's composite layout (reads its metadata); the arrays were saved
     # as numpy, so they come back as numpy whatever devices this process has.
@@ -324,9 +320,11 @@ class TrainingCheckpoints:
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
 
-  def _last_good(self) -> str:
-    latest = self.latest_step()
-    return (f'the last good checkpoint is {self.step_dir(latest)}' if latest is not None
+  def _last_good(self, up_to: int | None = None) -> str:
+    """Names the newest committed step (up to `up_to`) for an error message."""
+    good = [s for s in self.all_steps()
+            if (up_to is None or s <= up_to) and is_committed(self.step_dir(s))]
+    return (f'the last good checkpoint is {self.step_dir(good[-1])}' if good
             else 'no checkpoint was written before')
 
   def save(self, step: int, variables: Variables, train: Any, data: dict,
@@ -354,12 +352,9 @@ class TrainingCheckpoints:
       if reason is None:
         raise
       # orbax may have committed this step before meta.json failed (resume rewrites it).
-      good = [s for s in self.all_steps() if s <= step and is_committed(self.step_dir(s))]
-      last = (f'the last good checkpoint is {self.step_dir(good[-1])}' if good
-              else 'no checkpoint was written before')
-      raise UserError(f'cannot save step {step} in {self.directory}: {reason}; {last} '
-                      '(free space or fix the folder, then rerun the same command to '
-                      'resume)') from None
+      raise UserError(f'cannot save step {step} in {self.directory}: {reason}; '
+                      f'{self._last_good(up_to=step)} (free space or fix the folder, then '
+                      'rerun the same command to resume)') from None
     return self.step_dir(step)
 
   def write_meta(self, step: int, meta: Meta) -> None:
@@ -429,9 +424,7 @@ class TrainingCheckpoints:
       if jax.process_index() == 0:
         for folder, target in moves:
           os.rename(folder, target)
-      if jax.process_count() > 1:
-        from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
-        multihost_utils.sync_global_devices('fada_checkpoints_set_aside')
+      distributed.barrier('fada_checkpoints_set_aside')
       self._manager.reload()
     return notes
 

@@ -22,6 +22,9 @@ STAGES = ('source_only', 'adversarial', 'self_distill')
 # The one mesh axis: the batch is split along it, everything else is replicated.
 DATA_AXIS = 'data'
 
+# A training run's log: one JSON row every log_every steps and per validation.
+TRAIN_METRICS_FILE = 'metrics.jsonl'
+
 
 def make_mesh(devices: Sequence[jax.Device] | None = None) -> Mesh:
   """A 1-D mesh named 'data' over `devices` (default: all devices of all processes)."""

@@ -108,7 +108,7 @@ def _final_checkpoint(stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
 
 def _handed_on(config, stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
   """The model a stage hands to the next step: its final or its best checkpoint."""
-  if config.get('pipeline', {}).get('use_best', False):
+  if config.pipeline.use_best:
     return validation.best_checkpoint(stage_dir / loop.CHECKPOINTS_DIR)
   return _final_checkpoint(stage_cfg, stage_dir)
 
@@ -214,7 +214,7 @@ def run_pipeline(config, workdir: str | os.PathLike) -> dict:
   distill_init = imagenet or str(_handed_on(config, adversarial_cfg, adversarial_dir))
   distill_cfg = stage_config(config, 'self_distill', init_checkpoint=distill_init,
                              pseudo_label_dir=str(pseudo_dir))
-  if config.get('pipeline', {}).get('use_best', False):
+  if config.pipeline.use_best:
     for stage_cfg in (source_cfg, adversarial_cfg):
       every, stop_iter = int(stage_cfg.eval.every), int(stage_cfg.solver.stop_iter)
       if not 0 < every <= stop_iter:

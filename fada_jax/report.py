@@ -14,10 +14,9 @@ import os
 import pathlib
 import sys
 
-from fada_jax.constants import STAGES
+from fada_jax.constants import STAGES, TRAIN_METRICS_FILE
 from fada_jax.errors import UserError
 
-METRICS_FILE = 'metrics.jsonl'  # train.loop.METRICS_FILE
 CURVES_FILE = 'curves.png'
 PANELS = (('loss', 'loss'), ('learning rate', 'lr'), ('val mIoU (%)', 'val_miou'))
 
@@ -25,13 +24,13 @@ PANELS = (('loss', 'loss'), ('learning rate', 'lr'), ('val mIoU (%)', 'val_miou'
 def find_runs(path: str | os.PathLike) -> list[tuple[str, pathlib.Path]]:
   """(label, metrics.jsonl) of the run at `path`, or of each stage of a pipeline there."""
   path = pathlib.Path(path)
-  if (path / METRICS_FILE).is_file():
-    return [(path.absolute().name, path / METRICS_FILE)]
-  stages = [(f'{path.absolute().name}/{stage}', path / stage / METRICS_FILE)
-            for stage in STAGES if (path / stage / METRICS_FILE).is_file()]
+  if (path / TRAIN_METRICS_FILE).is_file():
+    return [(path.absolute().name, path / TRAIN_METRICS_FILE)]
+  stages = [(f'{path.absolute().name}/{stage}', path / stage / TRAIN_METRICS_FILE)
+            for stage in STAGES if (path / stage / TRAIN_METRICS_FILE).is_file()]
   if not stages:
-    raise UserError(f'{path}: no {METRICS_FILE} (neither a training run\'s folder nor a '
-                    'pipeline\'s)')
+    raise UserError(f'{path}: no {TRAIN_METRICS_FILE} (neither a training run\'s folder '
+                    'nor a pipeline\'s)')
   return stages
 
 

@@ -19,6 +19,7 @@ from fada_jax.data import labels as labels_lib
 from fada_jax.data import pipeline, sources, synthetic
 from fada_jax.errors import UserError
 from fada_jax.models import layers
+from tiny_runs import brute_force_metrics
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 FIXTURES = REPO.parent / "shared" / "fixtures"
@@ -80,21 +81,6 @@ def model(tmp_path_factory):
   variables = random_variables(config, 0)
   path = save(tmp_path_factory.mktemp("ckpt") / "model", variables)
   return variables, path
-
-
-def brute_force_metrics(pairs, num_classes=19):
-  """mIoU / allAcc of (prediction, label) pairs, counted with numpy one class at a time."""
-  i = np.zeros(num_classes)
-  u = np.zeros(num_classes)
-  t = np.zeros(num_classes)
-  for prediction, label in pairs:
-    keep = label != 255
-    for c in range(num_classes):
-      p_c, l_c = (prediction == c) & keep, (label == c) & keep
-      i[c] += np.sum(p_c & l_c)
-      u[c] += np.sum(p_c | l_c)
-      t[c] += np.sum(l_c)
-  return np.mean(i / (u + 1e-10)), i.sum() / t.sum()
 
 
 def val_examples(config):

@@ -20,6 +20,7 @@ import pytest
 
 from fada_jax import checkpoint
 from fada_jax import config_lib
+from fada_jax.constants import TRAIN_METRICS_FILE
 from fada_jax.data import prepared
 from fada_jax.data import synthetic
 from fada_jax.errors import UserError
@@ -461,14 +462,14 @@ def test_a_full_disk_while_logging_is_one_line(tmp_path):
   logger = loop._Logger(config, tmp_path, 0)  # pylint: disable=protected-access
   try:
     logger.write({'step': 1, 'loss_seg': 1.0})
-    (tmp_path / loop.METRICS_FILE).unlink()
-    (tmp_path / loop.METRICS_FILE).symlink_to('/dev/full')
+    (tmp_path / TRAIN_METRICS_FILE).unlink()
+    (tmp_path / TRAIN_METRICS_FILE).symlink_to('/dev/full')
     with pytest.raises(UserError) as error:
       logger.write({'step': 2, 'loss_seg': 0.5})
   finally:
     logger.close()
   assert str(error.value) == (
-      f'cannot write {tmp_path / loop.METRICS_FILE}: no space left on device; free space (or '
+      f'cannot write {tmp_path / TRAIN_METRICS_FILE}: no space left on device; free space (or '
       'fix the folder), then rerun the same command: it resumes from the newest checkpoint')
 
 

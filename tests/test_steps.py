@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 import torch_reference
+from tiny_runs import brute_force_metrics
 from fada_jax import config_lib, convert, losses, models
 from fada_jax.errors import UserError
 from fada_jax.train import loop, parallel, state as state_lib, steps
@@ -493,12 +494,7 @@ def test_bfloat16_with_remat_trains_with_float32_state():
 
 
 def _brute_force_miou(predictions, labels, num_classes):
-  """Release formula, counted one class at a time: mean over all K of I / (U + 1e-10)."""
-  keep = labels != 255
-  ious = [np.sum((predictions == c) & (labels == c) & keep)
-          / (np.sum(((predictions == c) | (labels == c)) & keep) + 1e-10)
-          for c in range(num_classes)]
-  return float(np.mean(ious))
+  return float(brute_force_metrics([(predictions, labels)], num_classes)[0])
 
 
 def test_source_only_stage_learns_a_fixed_batch():

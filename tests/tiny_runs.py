@@ -76,22 +76,32 @@ def checkpoint_arrays(step_dir) -> dict[str, np.ndarray]:
           for path, value in jax.tree_util.tree_flatten_with_path(tree)[0]}
 
 
+def brute_force_metrics(pairs, num_classes=19):
+  """mIoU / allAcc of (prediction, label) pairs, counted with numpy one class at a time
+  (the release's formula: mean over all classes of I / (U + 1e-10))."""
+  i = np.zeros(num_classes)
+  u = np.zeros(num_classes)
+  t = np.zeros(num_classes)
+  for prediction, label in pairs:
+    keep = label != 255
+    for c in range(num_classes):
+      p_c, l_c = (prediction == c) & keep, (label == c) & keep
+      i[c] += np.sum(p_c & l_c)
+      u[c] += np.sum(p_c | l_c)
+      t[c] += np.sum(l_c)
+  return np.mean(i / (u + 1e-10)), i.sum() / t.sum()
+
+
 def synthetic_target_val_miou(predictions_dir, frames: int = TINY['data.synthetic_size'],
                               seed: int = 0, num_classes: int = 19) -> float:
   """mIoU of the prediction PNGs an evaluation wrote (config.eval.save_predictions) on the
-  synthetic target val split, counted with numpy one class at a time (the release's
-  formula: mean over all classes of I / (U + 1e-10))."""
+  synthetic target val split, counted by `brute_force_metrics`."""
   from PIL import Image  # pylint: disable=g-import-not-at-top
   from fada_jax.data import synthetic  # pylint: disable=g-import-not-at-top
   source = synthetic.make_synthetic_source('target', 'val', num_classes, size=frames, seed=seed)
-  intersection, union = np.zeros(num_classes), np.zeros(num_classes)
+  pairs = []
   for index in range(frames):
     example = source[index]
     with Image.open(pathlib.Path(predictions_dir) / f"{example['name']}.png") as image:
-      prediction = np.asarray(image)
-    label = example['label']
-    keep = label != 255
-    for c in range(num_classes):
-      intersection[c] += np.sum((prediction == c) & (label == c) & keep)
-      union[c] += np.sum(((prediction == c) | (label == c)) & keep)
-  return float(np.mean(intersection / (union + 1e-10)))
+      pairs.append((np.asarray(image), example['label']))
+  return float(brute_force_metrics(pairs, num_classes)[0])

@@ -28,7 +28,8 @@ from fada_jax.errors import UserError
 from fada_jax.evaluate import outputs
 from fada_jax.evaluate.inference import CONFIDENCE_BINS, Predictor, pad_rows, predictor_for
 from fada_jax.evaluate.metrics import MetricAccumulator
-from fada_jax.train import validation as _validation  # noqa: F401  (reads checkpoints/best)
+# Also registers the loader of checkpoints/best (its own format).
+from fada_jax.train import validation
 
 
 # ----------------------------------------------------------------------------- a split
@@ -202,8 +203,6 @@ def evaluate_checkpoint(config, checkpoint_path: str | os.PathLike,
 
 # ----------------------------------------------------------------------------- folders of checkpoints
 
-BEST_CHECKPOINT = "best"  # train.validation.BEST_DIR
-
 
 def checkpoint_step(path: str | os.PathLike, meta: dict | None = None) -> int | None:
   """Training step of a checkpoint: meta's 'step', else the last number in its name."""
@@ -225,7 +224,7 @@ def find_checkpoints(path: str | os.PathLike) -> list[pathlib.Path]:
   def children(folder: pathlib.Path) -> list[pathlib.Path]:
     # A run's checkpoints/best (its best validated model) is evaluated by naming it.
     found = [c for c in folder.iterdir()
-             if c.is_dir() and not c.name.startswith(".") and c.name != BEST_CHECKPOINT
+             if c.is_dir() and not c.name.startswith(".") and c.name != validation.BEST_DIR
              and (c / checkpoint_lib.META_FILE).is_file()]
     return sorted(found, key=lambda c: (checkpoint_step(c) is None, checkpoint_step(c) or 0,
                                         c.name))

@@ -29,6 +29,7 @@ import numpy as np
 
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import models as models_lib
+from fada_jax.constants import TRAIN_METRICS_FILE
 from fada_jax.errors import UserError
 from fada_jax.models import variables as variables_lib
 from fada_jax.train import distributed
@@ -41,7 +42,6 @@ from fada_jax.train import validation as validation_lib
 
 CHECKPOINTS_DIR = 'checkpoints'
 EVAL_DIR = 'eval'
-METRICS_FILE = 'metrics.jsonl'
 EVAL_METRICS_FILE = 'metrics.json'
 
 
@@ -209,7 +209,7 @@ class _Logger:
     if not self.active:
       return
     workdir.mkdir(parents=True, exist_ok=True)
-    self._path = workdir / METRICS_FILE
+    self._path = workdir / TRAIN_METRICS_FILE
     # Lines logged after the checkpoint we resume from belong to the lost stretch of
     # the interrupted run; they are about to be computed again.
     if self._path.exists():
@@ -419,7 +419,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
       _restore_data_state(iterator, resumed.data, checkpoints.step_dir(start_step))
     logger = _Logger(config, workdir, start_step)
     validation = validation_lib.Validation(config, checkpoints.directory,
-                                           workdir / METRICS_FILE, start_step)
+                                           workdir / TRAIN_METRICS_FILE, start_step)
   except BaseException:
     # Closed here on a failed start (the loop below closes them otherwise): an open
     # orbax manager or grain pipeline fails noisily at interpreter exit.

@@ -5,8 +5,9 @@ an unwritable folder must be found at the start, not at the end. Each check rais
 `UserError` that names the field or path at fault and what is expected; none of them
 creates a file or folder.
 
-  check_training(config, workdir)    one stage: `train.loop.train`
-  check_pipeline(config, workdir)    the three stages of `--mode=pipeline`
+  check_training(config, workdir, resuming=...)   one stage: `train.loop`
+  check_pipeline(workdir, stage_configs, first_stage_started=...)
+                                     the three stages of `--mode=pipeline`
   check_eval(config, checkpoint, workdir)
   check_pseudo_label(config, checkpoint, output)
 """
@@ -162,11 +163,11 @@ def check_training(config, workdir: str | os.PathLike, *, resuming: bool) -> Non
 
 def check_pipeline(workdir: str | os.PathLike, stage_configs: dict, *,
                    first_stage_started: bool) -> None:
-  """The three stages: each stage's config and splits (stage 3's pseudo labels are made
-  by the pipeline itself), and, unless stage 1 has begun, its init checkpoint."""
+  """The three stages (their configs validated by `pipeline.stage_config`): each stage's
+  splits (stage 3's pseudo labels are made by the pipeline itself), and, unless stage 1
+  has begun, its init checkpoint."""
   check_writable_folder(workdir, '--workdir')
   for stage, stage_cfg in stage_configs.items():
-    config_lib.validate(stage_cfg)
     check_batch_split(stage_cfg)
     if stage == 'self_distill':
       # Stage 3 reads the target's training images under the pseudo labels.

@@ -28,6 +28,7 @@ import jax
 import numpy as np
 
 from fada_jax import checkpoint as checkpoint_lib
+from fada_jax import report
 from fada_jax.errors import UserError
 from fada_jax.train import distributed
 
@@ -103,15 +104,11 @@ def _best_of_rows(metrics_path: pathlib.Path, up_to_step: int) -> dict | None:
   """The highest val_miou among metrics.jsonl's rows up to `up_to_step`."""
   best = None
   try:
-    lines = metrics_path.read_text().splitlines()
+    rows = report.read_rows(metrics_path)
   except OSError:
     return None
-  for line in lines:
-    try:
-      row = json.loads(line)
-    except json.JSONDecodeError:
-      continue
-    if 'val_miou' not in row or row.get('step', 0) > up_to_step:
+  for row in rows:
+    if 'val_miou' not in row or row['step'] > up_to_step:
       continue
     if best is None or row['val_miou'] > best['val_miou']:
       best = {'step': int(row['step']), 'val_miou': float(row['val_miou'])}
@@ -162,8 +159,8 @@ class Validation:
     if self._predictor is None:
       self._predictor = evaluate.predictor_for(self.config)
     placed = self._predictor.place_variables(variables)
-    metrics = run_split(self._predictor, placed, self.config,
-                                 self.config.eval.split, description=f'val {step}')
+    metrics = run_split(self._predictor, placed, self.config, self.config.eval.split,
+                        description=f'val {step}')
     del placed
     row = {'step': step, 'val_miou': float(metrics['miou']),
            'val_macc': float(metrics['macc'])}
