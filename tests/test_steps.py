@@ -99,10 +99,17 @@ def _release_networks(freeze_bn, seed, discriminator):
   norm = torch_reference.FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
   backbone = torch_reference.randomize(torch_reference.ResNet(18, WIDTH, norm), seed)
   with torch.no_grad():
-    # Two stem channels of tiny variance, in the batch and in the running statistics, at
-    # the usual scale after BN: there BN's epsilon (1e-5 when trained; none when frozen,
-    # as in the release) changes the output by tens of percent, so a wrong one shows.
-    backbone.conv1.weight[:2] *= 3e-3
+    # Two stem channels of tiny variance at the usual scale after BN: there BN's epsilon
+    # (1e-5 when trained; none when frozen, as in the release) changes the output by tens
+    # of percent, so a wrong one shows. Trained BN normalises by the batch variance, so
+    # the conv's output is made small; frozen BN divides by the running variance alone,
+    # and its weight is made small instead: a small conv kernel behind a x300 BN would
+    # get a x300 gradient, and its first update would blow up those channels (and the
+    # losses after it) far beyond what float32 can compare.
+    if freeze_bn:
+      backbone.bn1.weight[:2] *= 3e-3
+    else:
+      backbone.conv1.weight[:2] *= 3e-3
     backbone.bn1.running_var[:2] *= 1e-5
   feature_extractor = torch_reference.FeatureExtractor(backbone)
   classifier = torch_reference.ASPPClassifier(backbone.out_channels, NUM_CLASSES)
