@@ -46,15 +46,15 @@ UPDATE_TOLERANCE = 1e-4
 FLOAT32_NOISE_FACTOR = 4
 
 
-def _config(stage, freeze_bn=True, **model):
+def _config(stage, freeze_bn=True, depth=18, base_lr=BASE_LR, **model):
   # The published solver (temperature, clipping, adversarial weight), a small network.
-  config = config_lib.make_config('g2c', stage, 'resnet18')
+  config = config_lib.make_config('g2c', stage, f'resnet{depth}')
   config.model.width = WIDTH
   config.model.num_classes = NUM_CLASSES
   config.model.freeze_bn = freeze_bn
   for key, value in model.items():
     config.model[key] = value
-  config.solver.base_lr, config.solver.base_lr_d = BASE_LR, BASE_LR_D
+  config.solver.base_lr, config.solver.base_lr_d = base_lr, BASE_LR_D
   config.solver.max_iter = config.solver.stop_iter = MAX_ITER
   config.solver.batch_size = 8
   return config
@@ -92,12 +92,12 @@ def _tree_get(tree, path):
 # ------------------------------------------------------------------ torch <-> converted
 
 
-def _release_networks(freeze_bn, seed, discriminator):
-  """The release's modules: ResNet-18 (width 8) with frozen or trainable BN and random
+def _release_networks(freeze_bn, seed, discriminator, depth=18):
+  """The release's modules: ResNet-`depth` (width 8) with frozen or trainable BN and random
   non-trivial BN statistics, ASPP with its N(0, 0.01) init, torch's default D init."""
   torch.manual_seed(seed)
   norm = torch_reference.FrozenBatchNorm2d if freeze_bn else nn.BatchNorm2d
-  backbone = torch_reference.randomize(torch_reference.ResNet(18, WIDTH, norm), seed)
+  backbone = torch_reference.randomize(torch_reference.ResNet(depth, WIDTH, norm), seed)
   with torch.no_grad():
     # Two stem channels of tiny variance at the usual scale after BN: there BN's epsilon
     # (1e-5 when trained; none when frozen, as in the release) changes the output by tens
@@ -177,9 +177,9 @@ def _jax_steps(config, variables, batches):
   return jax.device_get(state), history
 
 
-def _torch_steps(networks, batches, adversarial, dtype):
+def _torch_steps(networks, batches, adversarial, dtype, base_lr=BASE_LR):
   """The release's iterations over `networks` (trained in place) in `dtype`; [metrics]."""
-  trainer = torch_reference.ReleaseTrainer(*networks, base_lr=BASE_LR, base_lr_d=BASE_LR_D,
+  trainer = torch_reference.ReleaseTrainer(*networks, base_lr=base_lr, base_lr_d=BASE_LR_D,
                                            max_iter=MAX_ITER)
   metrics = []
   for i, batch in enumerate(batches):
@@ -195,7 +195,7 @@ def _torch_steps(networks, batches, adversarial, dtype):
   return metrics
 
 
-def _converted_change(folder, before, networks):
+def _converted_change(folder, before, networks, arch):
   """The change of float64 `networks` since the checkpoint `before`, in the converted
   layout, float64. The converter writes float32, so it converts the change (a layout
   map, linear): rounding the change, not the leaf, keeps the update exact to float32."""
@@ -207,34 +207,35 @@ def _converted_change(folder, before, networks):
   path = folder / 'change.pth'
   torch.save(change, path)
   return jax.tree_util.tree_map(lambda leaf: np.asarray(leaf, np.float64),
-                                convert.convert_file(path, 'resnet18', progress=False).variables)
+                                convert.convert_file(path, arch, progress=False).variables)
 
 
-def _run(tmp_path_factory, stage, freeze_bn):
+def _run(tmp_path_factory, stage, freeze_bn, depth=18, base_lr=BASE_LR):
   """The same `STEPS` steps in JAX (from the converted release checkpoint) and in torch,
-  float64 and float32."""
-  folder = tmp_path_factory.mktemp(f'{stage}_{"frozen" if freeze_bn else "trainable"}')
+  float64 and float32, of a ResNet-`depth` (width WIDTH)."""
+  folder = tmp_path_factory.mktemp(f'{stage}_{"frozen" if freeze_bn else "trainable"}_{depth}')
   adversarial = stage == 'adversarial'
-  networks = _release_networks(freeze_bn, seed=1, discriminator=adversarial)
+  arch = f'resnet{depth}'
+  networks = _release_networks(freeze_bn, seed=1, discriminator=adversarial, depth=depth)
   networks64 = tuple(None if n is None else copy.deepcopy(n).double() for n in networks)
   before64 = torch_reference.fada_checkpoint(*networks64)
-  config = _config(stage, freeze_bn=freeze_bn)
+  config = _config(stage, freeze_bn=freeze_bn, depth=depth, base_lr=base_lr)
   converted = folder / 'initial'
   convert.convert_and_save(_release_file(folder, 'initial', networks, iteration=18000),
-                           converted, 'resnet18', progress=False)
+                           converted, arch, progress=False)
   config.init_checkpoint = str(converted)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
     variables = loop.initial_variables(config, models.build(config), jax.random.PRNGKey(3))
 
   batches = _adversarial_batches() if adversarial else _segmentation_batches()
-  torch_metrics = _torch_steps(networks64, batches, adversarial, torch.float64)
-  _torch_steps(networks, batches, adversarial, torch.float32)
+  torch_metrics = _torch_steps(networks64, batches, adversarial, torch.float64, base_lr)
+  _torch_steps(networks, batches, adversarial, torch.float32, base_lr)
   state, jax_metrics = _jax_steps(config, variables, batches)
   torch32 = convert.convert_file(_release_file(folder, 'trained', networks, iteration=0),
-                                 'resnet18', progress=False).variables
+                                 arch, progress=False).variables
   return dict(config=config, initial=jax.device_get(variables), state=state,
-              change=_converted_change(folder, before64, networks64), torch32=torch32,
+              change=_converted_change(folder, before64, networks64, arch), torch32=torch32,
               jax_metrics=jax_metrics, torch_metrics=torch_metrics,
               printed=printed.getvalue(), init_checkpoint=str(converted))
 
@@ -333,17 +334,28 @@ def test_segmentation_steps_match_the_release(segmentation_run):
   assert stats_moved != config.model.freeze_bn
 
 
-@pytest.fixture(scope='module')
-def adversarial_run(tmp_path_factory):
-  """Stage 2 continued from a converted stage-2 release checkpoint holding model_D."""
-  return _run(tmp_path_factory, 'adversarial', True)
+# (depth, base rate). Bottlenecks: the published configs' blocks (1x1 convs, the stride on
+# the 3x3, three frozen BNs, a downsample in every stage), at the published stage-2 rate:
+# their 256 output channels give the classifier larger gradients, and at BASE_LR its
+# first update would be 3x its norm (loss_seg 2.5 -> 302), where float32 compares poorly.
+ADVERSARIAL_RUNS = [(18, BASE_LR), (50, 2.5e-4)]
+
+
+@pytest.fixture(scope='module', params=ADVERSARIAL_RUNS,
+                ids=[f'resnet{depth}' for depth, _ in ADVERSARIAL_RUNS])
+def adversarial_run(request, tmp_path_factory):
+  """Stage 2 continued from a converted stage-2 release checkpoint holding model_D, with
+  basic blocks and with bottlenecks."""
+  depth, base_lr = request.param
+  return _run(tmp_path_factory, 'adversarial', True, depth=depth, base_lr=base_lr)
 
 
 def test_adversarial_steps_from_a_release_checkpoint_match_the_release(adversarial_run):
   loss_error = _compare_losses(adversarial_run, ('loss_seg', 'loss_adv_tgt', 'loss_D',
                                                  'loss_D_src', 'loss_D_tgt', 'lr', 'lr_D'))
   leaf_error, norm_error, update_error = _compare_variables(adversarial_run)
-  print(f'\nadversarial from a release checkpoint: loss rel {loss_error:.1e}, '
+  print(f'\nadversarial {adversarial_run["config"].model.arch} from a release checkpoint: '
+        f'loss rel {loss_error:.1e}, '
         f'max leaf error/bound {leaf_error:.2f} (norm-wise {norm_error:.2f}), '
         f'update error/bound {update_error:.2f}')
   assert adversarial_run['printed'] == (
