@@ -58,6 +58,13 @@ def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:
   _save_atomic(Image.fromarray(np.asarray(train_ids, np.uint8), mode="L"), path)
 
 
+def save_rgb_png(path: str | os.PathLike, image: np.ndarray) -> None:
+  """RGB PNG of a uint8 [H, W, 3] image."""
+  path = pathlib.Path(path)
+  path.parent.mkdir(parents=True, exist_ok=True)
+  _save_atomic(Image.fromarray(np.asarray(image, np.uint8), mode="RGB"), path)
+
+
 def _save_atomic(image: Image.Image, path: pathlib.Path) -> None:
   temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
   image.save(temporary, format="PNG")
