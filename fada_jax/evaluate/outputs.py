@@ -58,16 +58,17 @@ def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:
   _save_atomic(Image.fromarray(np.asarray(train_ids, np.uint8), mode="L"), path)
 
 
-def save_rgb_png(path: str | os.PathLike, image: np.ndarray) -> None:
-  """RGB PNG of a uint8 [H, W, 3] image."""
+def save_rgb_png(path: str | os.PathLike, image: np.ndarray, compress_level: int = 6) -> None:
+  """RGB PNG of a uint8 [H, W, 3] image (zlib `compress_level`, 6 = PIL's default)."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  _save_atomic(Image.fromarray(np.asarray(image, np.uint8), mode="RGB"), path)
+  _save_atomic(Image.fromarray(np.asarray(image, np.uint8), mode="RGB"), path,
+               compress_level=compress_level)
 
 
-def _save_atomic(image: Image.Image, path: pathlib.Path) -> None:
+def _save_atomic(image: Image.Image, path: pathlib.Path, compress_level: int = 6) -> None:
   temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  image.save(temporary, format="PNG")
+  image.save(temporary, format="PNG", compress_level=compress_level)
   os.replace(temporary, path)
 
 
