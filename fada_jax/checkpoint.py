@@ -11,8 +11,9 @@ A *model checkpoint* is a folder
 `save_model` writes the whole folder under a temporary name next to DIR and renames it
 into place, so DIR either holds a complete checkpoint or does not exist. `load_model`
 reads meta.json and dispatches on its "format" through `register_model_loader`, so other
-on-disk layouts that hold model variables (the training state written during training)
-can be read by the same call.
+on-disk layouts that hold model variables (the training state written during training,
+the best validated model) can be read by the same call. Training records its config in
+the meta.json of both (`"config"`), which `fada_jax.load` uses.
 """
 
 import contextlib
@@ -281,7 +282,7 @@ def save_best(path: pathlib.Path, variables: dict, meta: dict) -> None:
     write_json_atomic(staging / META_FILE, dict(
         meta, format=BEST_FORMAT, format_version=BEST_FORMAT_VERSION,
         parts=sorted(variables)))
-    _publish_dir(staging, path)  # pylint: disable=protected-access
+    _publish_dir(staging, path)
   except BaseException:
     shutil.rmtree(staging, ignore_errors=True)
     raise
