@@ -89,10 +89,11 @@ def test_predict_writes_each_image_at_its_size_and_class_shares(config, model_pa
     mode, colour = read_png(root / "color" / f"{stem}.png")
     assert mode == "P"
     np.testing.assert_array_equal(colour, expected)
-    mode, overlay = read_png(root / "overlay" / f"{stem}.png")
-    blend = 0.75 * image + 0.25 * labels_lib.colorize(expected).astype(np.float64)
-    # Rounded, with the opacity in steps of 1/255 (64/255 here, 0.25 asked: < 0.26 off).
-    assert mode == "RGB" and np.max(np.abs(overlay - blend)) <= 0.5 + 0.26
+    mode, overlay = read_png(root / "overlay" / f"{stem}.jpg")
+    colours = labels_lib.colorize(expected).astype(np.float64)
+    error = np.mean(np.abs(overlay - (0.75 * image + 0.25 * colours)))
+    assert mode == "RGB" and error < 5, error  # JPEG at 95, 4:4:4, of noisy frames
+    assert np.mean(np.abs(overlay - (0.5 * image + 0.5 * colours))) > 2 * error
     expected_counts[stem] = np.array([(train_ids == k).sum() for k in range(19)])
   assert any((counts > 0).sum() > 1 for counts in expected_counts.values())  # not one class
 
@@ -111,12 +112,12 @@ def test_predict_writes_each_image_at_its_size_and_class_shares(config, model_pa
 
   # Rerun: only the image whose outputs are incomplete is predicted again; the others'
   # files are left alone and their shares read back.
-  (root / "overlay" / "street" / "b.png").unlink()
+  (root / "overlay" / "street" / "b.jpg").unlink()
   kept = root / "train_ids" / "street" / "a.png"
   os.utime(kept, (1, 1))
   again = predict.run_predict(config, model_path, str(inputs), tmp_path / "out", opacity=0.25)
   assert (again.predicted, again.already_done, len(again.skipped)) == (1, len(SIZES) - 1, 2)
-  assert (root / "overlay" / "street" / "b.png").is_file()
+  assert (root / "overlay" / "street" / "b.jpg").is_file()
   assert kept.stat().st_mtime == 1
   assert list(csv.reader(open(root / "classes.csv"))) == rows
 

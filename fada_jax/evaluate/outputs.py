@@ -46,9 +46,14 @@ def save_palette_png(path: str | os.PathLike, train_ids: np.ndarray, num_classes
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  _save_atomic(palette_image(train_ids, num_classes), path)
+
+
+def palette_image(train_ids: np.ndarray, num_classes: int) -> Image.Image:
+  """Mode 'P' image of train ids with the Cityscapes palette (.convert('RGB') colours it)."""
   image = Image.fromarray(np.asarray(train_ids, np.uint8), mode="P")
   image.putpalette(_palette_bytes(num_classes))
-  _save_atomic(image, path)
+  return image
 
 
 def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:
@@ -58,17 +63,9 @@ def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:
   _save_atomic(Image.fromarray(np.asarray(train_ids, np.uint8), mode="L"), path)
 
 
-def save_rgb_png(path: str | os.PathLike, image: np.ndarray, compress_level: int = 6) -> None:
-  """RGB PNG of a uint8 [H, W, 3] image (zlib `compress_level`, 6 = PIL's default)."""
-  path = pathlib.Path(path)
-  path.parent.mkdir(parents=True, exist_ok=True)
-  _save_atomic(Image.fromarray(np.asarray(image, np.uint8), mode="RGB"), path,
-               compress_level=compress_level)
-
-
-def _save_atomic(image: Image.Image, path: pathlib.Path, compress_level: int = 6) -> None:
+def _save_atomic(image: Image.Image, path: pathlib.Path) -> None:
   temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  image.save(temporary, format="PNG", compress_level=compress_level)
+  image.save(temporary, format="PNG")
   os.replace(temporary, path)
 
 
