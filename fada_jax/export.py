@@ -35,7 +35,6 @@ import jax
 import numpy as np
 
 from fada_jax import api
-from fada_jax import checkpoint as checkpoint_lib
 from fada_jax.data import labels as labels_lib
 from fada_jax.errors import UserError
 
@@ -81,13 +80,10 @@ def write_export(exported: jax.export.Exported, model: api.Model, output: str | 
   """FILE (the serialized function) and FILE.json (what it expects and returns)."""
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
-  serialized = bytes(exported.serialize())
-  temporary = output.with_name(f".{output.name}.{os.getpid()}.tmp")
-  temporary.write_bytes(serialized)
-  os.replace(temporary, output)
+  _write_atomic(output, bytes(exported.serialize()))
   width, height = (None, None) if size == SYMBOLIC else (
       int(v) for v in (size or model.test_size))
-  checkpoint_lib.write_json_atomic(output.with_name(output.name + ".json"), {
+  _write_atomic(output.with_name(output.name + ".json"), json.dumps({
       "input": "uint8 RGB [N, height, width, 3] (resize with bicubic to this size first)",
       "output": "uint8 train ids [N, height, width]",
       "height": height, "width": width,
@@ -97,8 +93,15 @@ def write_export(exported: jax.export.Exported, model: api.Model, output: str | 
       "class_names": list(model.class_names),
       "palette": labels_lib.palette(model.num_classes).tolist(),
       "checkpoint": str(model.checkpoint), "arch": str(model.config.model.arch),
-  })
+  }, indent=2).encode())
   return output
+
+
+def _write_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Through a temporary file and a rename (never half a file), with the umask's mode."""
+  temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+  temporary.write_bytes(data)
+  os.replace(temporary, path)
 
 
 def parse_size(text: str | None):
