@@ -45,8 +45,8 @@ def config_of(checkpoint: str | os.PathLike, config: Any = None):
     recorded = meta.get('config')
     if not isinstance(recorded, dict):
       raise UserError(f'checkpoint {checkpoint} records no config (converted weights and '
-                      'older checkpoints do not); pass one, e.g. '
-                      f"fada_jax.load('{checkpoint}', config='configs/g2c_sd.py')")
+                      'older checkpoints do not); name one: config=\'configs/g2c_sd.py\' '
+                      'in fada_jax.load, --config=configs/g2c_sd.py for tools/export.py')
     config = config_lib.from_json_dict(recorded)
   elif isinstance(config, (str, os.PathLike)):
     config = config_lib.load_config_file(str(config))
