@@ -11,8 +11,9 @@ A *model checkpoint* is a folder
 `save_model` writes the whole folder under a temporary name next to DIR and renames it
 into place, so DIR either holds a complete checkpoint or does not exist. `load_model`
 reads meta.json and dispatches on its "format" through `register_model_loader`, so other
-on-disk layouts that hold model variables (the training state written during training)
-can be read by the same call.
+on-disk layouts that hold model variables (the training state written during training,
+the best validated model) can be read by the same call. Training records its config in
+the meta.json of both (`"config"`), which `fada_jax.load` uses.
 """
 
 import contextlib
@@ -244,6 +245,73 @@ def load_model(path: str | os.PathLike) -> tuple[Variables, Meta]:
     raise UserError(f'{path} is not a model checkpoint (format {format_name!r}; '
                     f'readable: {sorted(_MODEL_LOADERS)})')
   return loader(path, meta)
+
+
+# =======================================================================================
+# The best validated model of a run (written by `fada_jax.train.validation`).
+#
+# DIR/checkpoints/best/ holds the model of the highest val mIoU so far: meta.json (with its
+# `step` and `val_miou`) and variables/arrays.npz. Process 0 writes it alone, so it is
+# written without orbax, whose saves wait for every process. It is not a step folder:
+# orbax's step discovery, retention and `latest_training_checkpoint` read numeric folder
+# names only, and `evaluate.find_checkpoints` leaves it out of a folder of step checkpoints.
+
+BEST_DIR = 'best'
+BEST_FORMAT = 'fada_jax.best'
+BEST_FORMAT_VERSION = 1
+_ARRAYS_FILE = 'arrays.npz'
+
+
+def _flatten(tree: dict, prefix: str = '') -> dict:
+  out = {}
+  for key, value in tree.items():
+    if isinstance(value, dict):
+      out.update(_flatten(value, f'{prefix}{key}/'))
+    else:
+      out[f'{prefix}{key}'] = np.asarray(value)
+  return out
+
+
+def save_best(path: pathlib.Path, variables: dict, meta: dict) -> None:
+  """Writes the model at `path` atomically (a crash leaves the old or the new one)."""
+  path.parent.mkdir(parents=True, exist_ok=True)
+  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
+  try:
+    (staging / VARIABLES_DIR).mkdir()
+    np.savez(staging / VARIABLES_DIR / _ARRAYS_FILE, **_flatten(variables))
+    write_json_atomic(staging / META_FILE, dict(
+        meta, format=BEST_FORMAT, format_version=BEST_FORMAT_VERSION,
+        parts=sorted(variables)))
+    _publish_dir(staging, path)
+  except BaseException:
+    shutil.rmtree(staging, ignore_errors=True)
+    raise
+
+
+def _load_best(path: pathlib.Path, meta: dict) -> tuple[dict, dict]:
+  arrays_path = path / VARIABLES_DIR / _ARRAYS_FILE
+  try:
+    with np.load(arrays_path) as arrays:
+      flat = {name: arrays[name] for name in arrays.files}
+  except (OSError, ValueError, EOFError) as e:
+    raise UserError(f'{arrays_path} cannot be read ({type(e).__name__}: {e}); it is a '
+                    'copy of the best validated model, another is written at the next '
+                    'improvement') from None
+  variables: dict = {}
+  for name, value in flat.items():
+    *parents, leaf = name.split('/')
+    node = variables
+    for key in parents:
+      node = node.setdefault(key, {})
+    node[leaf] = value
+  return variables, meta
+
+
+register_model_loader(BEST_FORMAT, _load_best)
+
+
+def best_checkpoint(checkpoints_dir: str | pathlib.Path) -> pathlib.Path:
+  return pathlib.Path(checkpoints_dir) / BEST_DIR
 
 
 # =======================================================================================

@@ -248,3 +248,34 @@ def _get(config, dotted):
   for key in dotted.split('.'):
     config = config[key]
   return config
+
+
+def load_config_file(spec: str) -> ml_collections.ConfigDict:
+  """The config of a config file, as `--config=` reads it: 'configs/g2c_sd.py' or
+  'configs/g2c_sd.py:vgg16' (the part after ':' is get_config's argument)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  import pathlib  # pylint: disable=g-import-not-at-top
+  path, _, argument = str(spec).partition(':')
+  if not pathlib.Path(path).is_file():
+    raise UserError(f'config file not found: {path}')
+  module_spec = importlib.util.spec_from_file_location(f'_fada_config_{pathlib.Path(path).stem}',
+                                                       path)
+  module = importlib.util.module_from_spec(module_spec)
+  try:
+    module_spec.loader.exec_module(module)
+  except Exception as e:  # pylint: disable=broad-except  (a user's file: one line)
+    raise UserError(f'config file {path} fails to load: {type(e).__name__}: {e}') from None
+  if not hasattr(module, 'get_config'):
+    raise UserError(f'config file {path} has no get_config()')
+  return module.get_config(argument) if argument else module.get_config()
+
+
+def from_json_dict(fields: dict) -> ml_collections.ConfigDict:
+  """A config recorded as JSON (a checkpoint's meta.json 'config'), lists back to tuples."""
+  def tuples(value):
+    if isinstance(value, dict):
+      return {key: tuples(v) for key, v in value.items()}
+    if isinstance(value, list):
+      return tuple(tuples(v) for v in value)
+    return value
+  return ml_collections.ConfigDict(tuples(fields))

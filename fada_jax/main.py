@@ -20,12 +20,19 @@ _CONFIG = config_flags.DEFINE_config_file(
     lock_config=True)
 _WORKDIR = flags.DEFINE_string('workdir', None, 'Folder for checkpoints, logs and results.')
 _MODE = flags.DEFINE_enum(
-    'mode', 'train', ['train', 'eval', 'pseudo_label', 'pipeline'],
+    'mode', 'train', ['train', 'eval', 'pseudo_label', 'pipeline', 'predict'],
     'train: the stage the config describes; eval: evaluate --checkpoint on the target '
     'split; pseudo_label: write stage-3 labels of --checkpoint for the target training '
-    'split; pipeline: stage 1 -> 2 -> 3 with an evaluation after each.')
+    'split; pipeline: stage 1 -> 2 -> 3 with an evaluation after each; predict: segment '
+    'the images of --input into WORKDIR/predictions.')
 _CHECKPOINT = flags.DEFINE_string(
-    'checkpoint', None, 'eval / pseudo_label: a checkpoint folder, or a folder of several.')
+    'checkpoint', None, 'eval / pseudo_label: a checkpoint folder, or a folder of several; '
+    'predict: one checkpoint folder.')
+_INPUT = flags.DEFINE_string(
+    'input', None, 'predict: a folder of images (searched recursively), one image, or a '
+    'glob pattern (quoted; ** recurses).')
+_OPACITY = flags.DEFINE_float(
+    'opacity', 0.5, 'predict: weight of the class colours in the overlay images (0 to 1).')
 _OUTPUT = flags.DEFINE_string(
     'output', None, 'pseudo_label: output folder (default WORKDIR/pseudo_labels).')
 _COORDINATOR = flags.DEFINE_string(
@@ -95,6 +102,18 @@ def _run(argv):
   elif mode == 'pipeline':
     from fada_jax import pipeline
     pipeline.run_pipeline(config, workdir)
+  elif mode == 'predict':
+    from fada_jax.evaluate import predict
+    from fada_jax.train import preflight
+    if not _CHECKPOINT.value or not _INPUT.value:
+      raise UserError('--mode=predict needs --checkpoint=PATH and --input=DIR_OR_GLOB')
+    preflight.check_predict(_CHECKPOINT.value, workdir)
+    summary = predict.run_predict(config, _CHECKPOINT.value, _INPUT.value, workdir,
+                                  opacity=_OPACITY.value)
+    print(summary.line(), flush=True)
+    if not summary.written:
+      raise UserError(f'no image could be read: all {len(summary.skipped)} input file(s) '
+                      'were skipped')
 
 
 def main(argv):

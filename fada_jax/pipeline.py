@@ -42,7 +42,6 @@ from fada_jax.errors import UserError
 from fada_jax.train import distributed
 from fada_jax.train import loop
 from fada_jax.train import preflight
-from fada_jax.train import validation
 
 PSEUDO_LABEL_DIR = 'pseudo_labels'
 PSEUDO_LABEL_MARKER = 'complete.json'
@@ -109,7 +108,7 @@ def _final_checkpoint(stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
 def _handed_on(config, stage_cfg, stage_dir: pathlib.Path) -> pathlib.Path:
   """The model a stage hands to the next step: its final or its best checkpoint."""
   if config.pipeline.use_best:
-    return validation.best_checkpoint(stage_dir / loop.CHECKPOINTS_DIR)
+    return checkpoint_lib.best_checkpoint(stage_dir / loop.CHECKPOINTS_DIR)
   return _final_checkpoint(stage_cfg, stage_dir)
 
 

@@ -18,7 +18,7 @@ from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import config_lib
 from fada_jax import models as models_lib
 from fada_jax.errors import UserError
-from fada_jax.train import loop
+from fada_jax.train import initialization, loop
 from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command, set_fields,
                        synthetic_target_val_miou)
 
@@ -154,7 +154,7 @@ def test_init_checkpoint_parts_follow_the_release(tmp_path, capsys):
   def initial(source, stage='adversarial'):
     config.init_checkpoint, config.stage = str(source), stage
     capsys.readouterr()
-    variables = jax.device_get(loop.initial_variables(config, models, rng))
+    variables = jax.device_get(initialization.initial_variables(config, models, rng))
     return variables, capsys.readouterr().out.splitlines()
 
   imagenet = checkpoint_lib.save_model(

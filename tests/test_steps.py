@@ -27,7 +27,7 @@ import torch_reference
 from tiny_runs import brute_force_metrics
 from fada_jax import config_lib, convert, losses, models
 from fada_jax.errors import UserError
-from fada_jax.train import loop, parallel, state as state_lib, steps
+from fada_jax.train import initialization, parallel, state as state_lib, steps
 
 WIDTH = 8
 NUM_CLASSES = 5
@@ -226,7 +226,8 @@ def _run(tmp_path_factory, stage, freeze_bn, depth=18, base_lr=BASE_LR):
   config.init_checkpoint = str(converted)
   printed = io.StringIO()
   with contextlib.redirect_stdout(printed):
-    variables = loop.initial_variables(config, models.build(config), jax.random.PRNGKey(3))
+    variables = initialization.initial_variables(
+        config, models.build(config), jax.random.PRNGKey(3))
 
   batches = _adversarial_batches() if adversarial else _segmentation_batches()
   torch_metrics = _torch_steps(networks64, batches, adversarial, torch.float64, base_lr)

@@ -4,6 +4,7 @@
   python tools/benchmark.py --mode=eval --backend=torch ...   (the same network in PyTorch)
   python tools/benchmark.py --mode=data --dataset=gta5 --data_root=/data --workers=4 --batch=8 --steps=20 --json
   python tools/benchmark.py --mode=data --dataset=synthetic_source --workers=2 --steps-per-second=6 --json
+  python tools/benchmark.py --mode=predict --arch=resnet101 --size=2048x1024 --frames=4 --steps=2 --json
 
 `--mode=eval` times jit-compiled single-scale inference: a batch of WxH images -> logits
 upsampled (align corners) to 2Wx2H (Cityscapes' label size for the 1024x512 test size)
@@ -11,6 +12,9 @@ upsampled (align corners) to 2Wx2H (Cityscapes' label size for the 1024x512 test
 of a step from XLA's cost analysis of the compiled function. Weights are random: speed
 does not depend on their values (no weights download needed). Images are uint8, as the
 data pipeline feeds them: the timed step includes the normalisation on the device.
+
+`--mode=predict` times whole `--mode=predict` and `--mode=eval` runs over the same
+generated frames, alternately (`run_predict` below).
 
 `--mode=data --steps-per-second=R` says whether the input path keeps up with a training
 step rate R: the batches/s it produced over the timed steps and `sustains` (true when
@@ -470,6 +474,73 @@ register_mode("train", _add_train_arguments, run_train)
 
 
 # ----------------------------------------------------------------------------- main
+
+
+# ----------------------------------------------------------------------------- predict
+
+
+def _add_predict_arguments(parser: argparse.ArgumentParser) -> None:
+  parser.add_argument("--arch", default="resnet101",
+                      help="resnet18/34/50/101/152 or vgg16 (random weights)")
+  parser.add_argument("--width", type=int, default=64, help="ResNet base width (64 = published)")
+  parser.add_argument("--test-size", type=parse_size, default=(1024, 512),
+                      help="WIDTHxHEIGHT the frames are resized to (config.data.test_size)")
+  parser.add_argument("--frames", type=int, default=4, help="generated frames of --size")
+  parser.add_argument("--workdir", default=None, help="scratch folder (default: a temporary one)")
+
+
+def run_predict(args: argparse.Namespace) -> dict[str, Any]:
+  """`--mode=predict` against `--mode=eval` on the same generated Cityscapes-layout frames
+  of --size: each whole run (checkpoint load, reading, resizing, prediction at --test-size,
+  upsampling to --size, and predict's three PNGs per frame and classes.csv; eval's
+  metrics), after one warm-up run of each that compiles, then --steps rounds of the two
+  alternately. images/s are frames over the median run time."""
+  import tempfile  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  from fada_jax import checkpoint, config_lib, evaluate  # pylint: disable=g-import-not-at-top
+  from fada_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  from fada_jax.evaluate import predict  # pylint: disable=g-import-not-at-top
+  scratch = args.workdir or tempfile.mkdtemp(prefix="fada_predict_benchmark_")
+  config = config_lib.make_config("g2c", "source_only", args.arch)
+  config.model.width = args.width
+  config.data.root = os.path.join(scratch, "data")
+  config.data.test_size = args.test_size
+  config.data.workers = 0
+  config.eval.batch_size = args.batch
+  synthetic.write_synthetic_folders(config.data.root, 0, 0, args.frames, image_size=args.size,
+                                    city="bench")
+  model = os.path.join(scratch, "model")
+  variables = _random_variables(config)
+  checkpoint.save_model(model, {k: variables[k] for k in ("feature_extractor", "classifier")},
+                        {"arch": args.arch, "num_classes": 19, "kind": "fada",
+                         "source": "benchmark"}, overwrite=True)
+  frames = os.path.join(config.data.root, "cityscapes", "leftImg8bit", "val")
+  runs = {"eval": [], "predict": []}
+
+  def run(kind: str, index: int) -> float:
+    start = time.perf_counter()
+    if kind == "eval":
+      evaluate.evaluate_checkpoint(config, model, os.path.join(scratch, f"eval{index}"))
+    else:
+      summary = predict.run_predict(config, model, frames, os.path.join(scratch, f"pred{index}"))
+      assert summary.predicted == args.frames, summary.line()
+    return time.perf_counter() - start
+
+  for kind in runs:  # warm-up: compiles
+    run(kind, -1)
+  for index in range(args.steps):
+    for kind in runs:
+      runs[kind].append(run(kind, index))
+  result = {"devices": jax.device_count(), "platform": jax.devices()[0].platform,
+            "frames": args.frames, "size": list(args.size), "test_size": list(args.test_size),
+            "load_average": [round(v, 2) for v in os.getloadavg()]}
+  for kind, seconds in runs.items():
+    result[f"{kind}_run_seconds"] = [round(t, 2) for t in seconds]
+    result[f"{kind}_images_per_second"] = round(args.frames / statistics.median(seconds), 4)
+  return result
+
+
+register_mode("predict", _add_predict_arguments, run_predict)
 
 
 def main(argv: list[str] | None = None) -> int:

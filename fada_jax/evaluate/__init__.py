@@ -7,6 +7,7 @@
   run            a model over a split, `evaluate_checkpoint`, `run_eval` (--mode=eval),
                  checkpoint discovery
   pseudo_labels  `write_pseudo_labels`, `run_pseudo_label` (--mode=pseudo_label)
+  predict        `run_predict` (--mode=predict): any folder of images, no ground truth
 
 The names below are the package's interface: `from fada_jax import evaluate;
 evaluate.run_eval(...)`.
@@ -18,6 +19,7 @@ from fada_jax.evaluate.metrics import (EPSILON, MetricAccumulator, confusion_cou
                                        metrics_from_counts)
 from fada_jax.evaluate.outputs import (EVAL_DIR, METRICS_FILE, RESULTS_FILE, format_table,
                                        save_palette_png, save_train_id_png)
+from fada_jax.evaluate.predict import run_predict
 from fada_jax.evaluate.pseudo_labels import (class_thresholds, run_pseudo_label,
                                              write_pseudo_labels)
 from fada_jax.evaluate.run import (checkpoint_step, evaluate_checkpoint, find_checkpoints,
@@ -28,6 +30,6 @@ __all__ = [
     "InferenceSettings", "MetricAccumulator", "Predictor", "checkpoint_step", "class_thresholds",
     "confusion_counts", "evaluate_checkpoint", "find_checkpoints", "fold_batch_norm",
     "format_table", "load_checkpoint_for_eval", "metrics_from_counts",
-    "predictor_for", "run_eval", "run_pseudo_label", "save_palette_png",
+    "predictor_for", "run_eval", "run_predict", "run_pseudo_label", "save_palette_png",
     "save_train_id_png", "scaled_size", "write_pseudo_labels",
 ]

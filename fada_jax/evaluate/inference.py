@@ -147,6 +147,9 @@ class Predictor:
         out_shardings=(self.replicated, self.replicated, self.batch_sharded))
     self._predict = jax.jit(self._predict_impl, static_argnames=("out_hw",),
                             out_shardings=self.batch_sharded)
+    self._predict_with_probabilities = jax.jit(
+        self._predict_with_probabilities_impl, static_argnames=("out_hw",),
+        out_shardings=(self.batch_sharded, self.batch_sharded))
     self._pseudo_label_step = jax.jit(
         self._pseudo_label_step_impl,
         out_shardings=(self.replicated, self.replicated, self.batch_sharded, self.replicated))
@@ -224,6 +227,12 @@ class Predictor:
   def _predict_impl(self, variables, images, out_hw):
     return jnp.argmax(self.scores(variables, images, out_hw), axis=-1).astype(jnp.uint8)
 
+  def _predict_with_probabilities_impl(self, variables, images, out_hw):
+    scores = self.scores(variables, images, out_hw)
+    predictions = jnp.argmax(scores, axis=-1).astype(jnp.uint8)
+    # Single scale without flip scores with logits; otherwise with mean probabilities.
+    return predictions, jax.nn.softmax(scores, axis=-1) if self.settings.single else scores
+
   def _eval_step_impl(self, variables, images, labels, valid, with_predictions: bool):
     predictions = self._predict_impl(variables, images, labels.shape[1:3])
     counts = confusion_counts(predictions, labels, valid, self.num_classes)
@@ -253,13 +262,26 @@ class Predictor:
   def predict(self, variables, images: np.ndarray, out_hw: Sequence[int]) -> np.ndarray:
     """uint8 [B, out_h, out_w] train ids of this process's `images`, uint8 pixels or
     normalised floats (any B: padded to a multiple of the local devices and cropped back)."""
+    return self.fetch(self.dispatch_predict(variables, images, out_hw), len(images))
+
+  def dispatch_predict(self, variables, images: np.ndarray, out_hw: Sequence[int], *,
+                       probabilities: bool = False):
+    """Starts `predict` and returns at once (JAX dispatches asynchronously): the global
+    predictions (and, with `probabilities`, the [B, out_h, out_w, K] float32 class
+    probabilities: softmax of the logits, or the flip / multi-scale mean), for `fetch`."""
     images = np.asarray(images)
     if images.dtype != np.uint8:
       images = images.astype(np.float32)
     rows = -(-len(images) // self.local_batch_multiple()) * self.local_batch_multiple()
-    predictions = self._predict(variables, self.global_batch(pad_rows(images, rows, 0)),
-                                out_hw=tuple(int(v) for v in out_hw))
-    return self.local_rows(predictions)[:len(images)]
+    step = self._predict_with_probabilities if probabilities else self._predict
+    return step(variables, self.global_batch(pad_rows(images, rows, 0)),
+                out_hw=tuple(int(v) for v in out_hw))
+
+  def fetch(self, dispatched, count: int):
+    """The first `count` of this process's rows of `dispatch_predict`'s result(s), as numpy."""
+    if isinstance(dispatched, tuple):
+      return tuple(self.local_rows(array)[:count] for array in dispatched)
+    return self.local_rows(dispatched)[:count]
 
   def eval_step(self, variables, images, labels, valid, with_predictions: bool = False):
     return self._eval_step(variables, self.global_batch(images), self.global_batch(labels),

@@ -46,9 +46,14 @@ def save_palette_png(path: str | os.PathLike, train_ids: np.ndarray, num_classes
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
+  _save_atomic(palette_image(train_ids, num_classes), path)
+
+
+def palette_image(train_ids: np.ndarray, num_classes: int) -> Image.Image:
+  """Mode 'P' image of train ids with the Cityscapes palette (.convert('RGB') colours it)."""
   image = Image.fromarray(np.asarray(train_ids, np.uint8), mode="P")
   image.putpalette(_palette_bytes(num_classes))
-  _save_atomic(image, path)
+  return image
 
 
 def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:

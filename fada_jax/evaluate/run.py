@@ -28,8 +28,6 @@ from fada_jax.errors import UserError
 from fada_jax.evaluate import outputs
 from fada_jax.evaluate.inference import CONFIDENCE_BINS, Predictor, pad_rows, predictor_for
 from fada_jax.evaluate.metrics import MetricAccumulator
-# Also registers the loader of checkpoints/best (its own format).
-from fada_jax.train import validation
 
 
 # ----------------------------------------------------------------------------- a split
@@ -224,7 +222,7 @@ def find_checkpoints(path: str | os.PathLike) -> list[pathlib.Path]:
   def children(folder: pathlib.Path) -> list[pathlib.Path]:
     # A run's checkpoints/best (its best validated model) is evaluated by naming it.
     found = [c for c in folder.iterdir()
-             if c.is_dir() and not c.name.startswith(".") and c.name != validation.BEST_DIR
+             if c.is_dir() and not c.name.startswith(".") and c.name != checkpoint_lib.BEST_DIR
              and (c / checkpoint_lib.META_FILE).is_file()]
     return sorted(found, key=lambda c: (checkpoint_step(c) is None, checkpoint_step(c) or 0,
                                         c.name))

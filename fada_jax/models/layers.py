@@ -142,6 +142,31 @@ def _align_corners_matrix(in_size: int, out_size: int) -> np.ndarray:
   return matrix
 
 
+def _traced_align_corners_matrix(in_size, out_size) -> jax.Array:
+  """`_align_corners_matrix` computed in the graph, for symbolic sizes (jax.export).
+
+  source = o (in-1) / (out-1) in integers: lo = o (in-1) // (out-1) and w_hi = the
+  remainder over (out-1), one float32 division: the host matrix's weights, or within one
+  rounding of them where XLA divides by a constant as a product with its reciprocal.
+  """
+  rows = jax.lax.broadcasted_iota(jnp.int32, (out_size, in_size), 0)
+  columns = jax.lax.broadcasted_iota(jnp.int32, (out_size, in_size), 1)
+  in_last = jnp.asarray(in_size, jnp.int32) - 1
+  out_last = jnp.maximum(jnp.asarray(out_size, jnp.int32) - 1, 1)  # out == 1: row 0 only
+  numerator = rows * in_last
+  lo = numerator // out_last
+  weight_hi = (numerator - lo * out_last).astype(jnp.float32) / out_last.astype(jnp.float32)
+  hi = jnp.minimum(lo + 1, in_last)
+  weight_lo = jnp.float32(1.0) - weight_hi
+  return (jnp.where(columns == lo, weight_lo, 0.0)
+          + jnp.where(columns == hi, weight_hi, 0.0)).astype(jnp.float32)
+
+
+def _dimension(size):
+  """An int, or a symbolic dimension kept as it is."""
+  return size if jax.export.is_symbolic_dim(size) else int(size)
+
+
 def _resize_flops(in_hw, out_hw, height_first: bool) -> int:
   """Multiply-adds per channel and image of the two dense products, in one order."""
   (in_h, in_w), (out_h, out_w) = in_hw, out_hw
@@ -177,25 +202,28 @@ def resize_bilinear_align_corners(x: jax.Array, out_hw: Sequence[int]) -> jax.Ar
   round twice; torch's bfloat16 kernel also computes in float32. Upsampling logits, the
   converted input is the small side, so the conversion costs little.
   """
-  out_h, out_w = int(out_hw[0]), int(out_hw[1])
+  out_h, out_w = (_dimension(d) for d in out_hw)
   if x.ndim != 4:
     raise ValueError(f"expected NHWC, got shape {x.shape}")
   in_h, in_w = x.shape[1], x.shape[2]
+  # Symbolic sizes (a jax.export with a symbolic image size): matrices built in the graph.
+  symbolic = any(jax.export.is_symbolic_dim(d) for d in (in_h, in_w, out_h, out_w))
+  matrix = _traced_align_corners_matrix if symbolic else _align_corners_matrix
   dtype = x.dtype
   product = functools.partial(jnp.einsum, precision=jax.lax.Precision.HIGHEST,
                               preferred_element_type=jnp.float32)
 
   def resize_height(y):
-    if y.shape[1] == out_h:
+    if not symbolic and y.shape[1] == out_h:
       return y
-    return product("oh,nhwc->nowc", _align_corners_matrix(y.shape[1], out_h), y)
+    return product("oh,nhwc->nowc", matrix(y.shape[1], out_h), y)
 
   def resize_width(y):
-    if y.shape[2] == out_w:
+    if not symbolic and y.shape[2] == out_w:
       return y
-    return product("ow,nhwc->nhoc", _align_corners_matrix(y.shape[2], out_w), y)
+    return product("ow,nhwc->nhoc", matrix(y.shape[2], out_w), y)
 
-  if _resize_flops((in_h, in_w), (out_h, out_w), height_first=True) <= _resize_flops(
+  if symbolic or _resize_flops((in_h, in_w), (out_h, out_w), height_first=True) <= _resize_flops(
       (in_h, in_w), (out_h, out_w), height_first=False):
     x = resize_width(resize_height(x))
   else:

@@ -116,10 +116,10 @@ def check_init_checkpoint(config) -> None:
                     '(tools/convert_torch_weights.py writes one from PyTorch weights)')
   import jax  # pylint: disable=g-import-not-at-top
   from fada_jax import models as models_lib  # pylint: disable=g-import-not-at-top
-  from fada_jax.train import loop  # pylint: disable=g-import-not-at-top
+  from fada_jax.train import initialization  # pylint: disable=g-import-not-at-top
   models = models_lib.build(config)
   try:
-    jax.eval_shape(lambda rng: loop.initial_variables(config, models, rng),
+    jax.eval_shape(lambda rng: initialization.initial_variables(config, models, rng),
                    jax.random.PRNGKey(0))
   except UserError as e:
     if str(e).startswith('config.init_checkpoint='):
@@ -183,6 +183,11 @@ def check_eval(config, checkpoint: str | os.PathLike, workdir: str | os.PathLike
   check_checkpoint_path(checkpoint, '--checkpoint')
   check_writable_folder(workdir, '--workdir')
   check_target_split(config, config.eval.split)
+
+
+def check_predict(checkpoint: str | os.PathLike, workdir: str | os.PathLike) -> None:
+  check_checkpoint_path(checkpoint, '--checkpoint')
+  check_writable_folder(workdir, '--workdir')
 
 
 def check_pseudo_label(config, checkpoint: str | os.PathLike,

@@ -6,93 +6,25 @@ as `--mode=eval` (the process-wide `Predictor` of `evaluate.predictor_for`, so i
 compiles once however often it runs). Every process takes part (the metric counts are
 summed over all of them inside the compiled step); process 0 alone writes.
 
-The best model so far lives in DIR/checkpoints/best, a model checkpoint that
-`checkpoint.load_model` reads (format BEST_FORMAT: the arrays in variables/arrays.npz),
-whose meta.json carries its `step` and `val_miou`. Process 0 writes it alone, so it is
-written without orbax, whose saves wait for every process. It is not a
-step folder: orbax's step discovery, retention and `latest_training_checkpoint` read
-numeric folder names only, and `evaluate.find_checkpoints` leaves it out of a folder of
-step checkpoints.
+The best model so far lives in DIR/checkpoints/best (`checkpoint.save_best`, a model
+checkpoint that `checkpoint.load_model` reads), whose meta.json carries its `step` and
+`val_miou`.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import pathlib
-import shutil
-import tempfile
 import time
-
-import jax
-import numpy as np
 
 from fada_jax import checkpoint as checkpoint_lib
 from fada_jax import report
-from fada_jax.errors import UserError
 from fada_jax.train import distributed
-
-BEST_DIR = 'best'
-BEST_FORMAT = 'fada_jax.best'
-BEST_FORMAT_VERSION = 1
-_ARRAYS_FILE = 'arrays.npz'
-
-
-def _flatten(tree: dict, prefix: str = '') -> dict:
-  out = {}
-  for key, value in tree.items():
-    if isinstance(value, dict):
-      out.update(_flatten(value, f'{prefix}{key}/'))
-    else:
-      out[f'{prefix}{key}'] = np.asarray(value)
-  return out
-
-
-def save_best(path: pathlib.Path, variables: dict, meta: dict) -> None:
-  """Writes the model at `path` atomically (a crash leaves the old or the new one)."""
-  path.parent.mkdir(parents=True, exist_ok=True)
-  staging = pathlib.Path(tempfile.mkdtemp(prefix=f'.{path.name}.tmp-', dir=path.parent))
-  try:
-    (staging / checkpoint_lib.VARIABLES_DIR).mkdir()
-    np.savez(staging / checkpoint_lib.VARIABLES_DIR / _ARRAYS_FILE, **_flatten(variables))
-    checkpoint_lib.write_json_atomic(staging / checkpoint_lib.META_FILE, dict(
-        meta, format=BEST_FORMAT, format_version=BEST_FORMAT_VERSION,
-        parts=sorted(variables)))
-    checkpoint_lib._publish_dir(staging, path)  # pylint: disable=protected-access
-  except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
-    raise
-
-
-def _load_best(path: pathlib.Path, meta: dict) -> tuple[dict, dict]:
-  arrays_path = path / checkpoint_lib.VARIABLES_DIR / _ARRAYS_FILE
-  try:
-    with np.load(arrays_path) as arrays:
-      flat = {name: arrays[name] for name in arrays.files}
-  except (OSError, ValueError, EOFError) as e:
-    raise UserError(f'{arrays_path} cannot be read ({type(e).__name__}: {e}); it is a '
-                    'copy of the best validated model, another is written at the next '
-                    'improvement') from None
-  variables: dict = {}
-  for name, value in flat.items():
-    *parents, leaf = name.split('/')
-    node = variables
-    for key in parents:
-      node = node.setdefault(key, {})
-    node[leaf] = value
-  return variables, meta
-
-
-checkpoint_lib.register_model_loader(BEST_FORMAT, _load_best)
-
-
-def best_checkpoint(checkpoints_dir: str | pathlib.Path) -> pathlib.Path:
-  return pathlib.Path(checkpoints_dir) / BEST_DIR
 
 
 def read_best(checkpoints_dir: str | pathlib.Path) -> dict | None:
   """{'step', 'val_miou'} of DIR/checkpoints/best, or None when there is none."""
-  meta_path = best_checkpoint(checkpoints_dir) / checkpoint_lib.META_FILE
+  meta_path = checkpoint_lib.best_checkpoint(checkpoints_dir) / checkpoint_lib.META_FILE
   try:
     meta = json.loads(meta_path.read_text())
     return {'step': int(meta['step']), 'val_miou': float(meta['val_miou'])}
@@ -169,7 +101,7 @@ class Validation:
     if self.best is None or row['val_miou'] > self.best['val_miou']:
       self.best = {'step': step, 'val_miou': row['val_miou']}
       if distributed.is_main_process():
-        save_best(best_checkpoint(self.checkpoints_dir), variables,
+        checkpoint_lib.save_best(checkpoint_lib.best_checkpoint(self.checkpoints_dir), variables,
                   dict(meta, step=step, val_miou=row['val_miou'], val_macc=row['val_macc'],
                        val_split=str(self.config.eval.split), source='best validation'))
     row['val_best_miou'] = self.best['val_miou']
