@@ -1,5 +1,6 @@
 """grain pipelines: shapes per stage, determinism across workers, resume, sharding, eval."""
 
+import pathlib
 import shutil
 
 import numpy as np
@@ -265,3 +266,39 @@ def test_a_data_error_in_a_worker_process_is_the_same_one_line_error(data_root, 
       pass
   loader.close()
   assert "Traceback" not in capfd.readouterr().err  # workers print nothing of their own
+
+
+_HOLD_BATCHES_IN_JAX_UNTIL_EXIT = """
+import sys
+import jax
+import numpy as np
+from fada_jax.data import pipeline
+
+class Steps:
+  def __call__(self, step):
+    return {"image": np.full((2, 32, 64, 3), step, np.uint8), "label": np.zeros((2, 32, 64), np.uint8)}
+
+if __name__ == "__main__":
+  loader = pipeline.BatchIterator(Steps(), 0, workers=2)
+  # JAX on CPU aliases aligned host memory, so these device arrays keep the batches'
+  # memory alive to the end of the interpreter.
+  held = [jax.device_put(next(loader)["image"]) for _ in range(3)]
+  loader.close()
+  assert [int(np.asarray(x)[0, 0, 0, 0]) for x in held] == [0, 1, 2]
+  print("held", len(held))
+"""
+
+
+def test_batches_from_workers_leave_no_shared_memory_behind_whoever_holds_them(tmp_path):
+  import os
+  import subprocess
+  import sys
+  script = tmp_path / "hold.py"
+  script.write_text(_HOLD_BATCHES_IN_JAX_UNTIL_EXIT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                         os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and "held 3" in result.stdout, result.stderr[-2000:]
+  assert "leaked" not in result.stderr, result.stderr[-2000:]

@@ -238,14 +238,36 @@ class _ErrorAsValue:
       return {_ERROR_KEY: str(e)}
 
 
+def _out_of_shared_memory(value: Any) -> Any:
+  """A batch array from grain's workers as an ordinary array, its shared memory unlinked.
+
+  grain hands a worker's arrays over in shared memory that is unlinked only when the
+  array is deleted. Batches go on to JAX, which on CPU aliases host memory instead of
+  copying it and drops its references late, from its own threads: the arrays of the last
+  steps then outlive the interpreter's exit handlers, and Python's resource tracker
+  reports their blocks as leaked (flakily, as it depends on when the device work ends).
+  One copy here (a few ms for a stage-2 batch) ends the block's life at once, whoever
+  holds the batch.
+  """
+  shm = getattr(value, "shm", None)
+  if shm is None or not isinstance(value, np.ndarray):
+    return value
+  owned = np.array(value, copy=True, subok=False)
+  if getattr(value, "_unlink_on_del", False):
+    value._unlink_on_del = False  # pylint: disable=protected-access  (unlinked here, once)
+    shm.unlink()
+  return owned
+
+
 def _finish_shared_memory_unlinks(timeout: float = 30.0) -> None:
   """Waits for grain's pending unlinks of the shared memory behind batches from workers.
 
-  A batch from grain's worker processes lives in shared memory that its arrays unlink
-  when they are deleted, on grain's one daemon thread. Batches freed just before exit
-  (the last one an evaluation read) leave unlinks that the exit cuts short, and
-  Python's resource tracker reports each as a leaked shared_memory object. Run at exit:
-  collect what is unreferenced, then wait for a no-op queued behind those unlinks.
+  Batches handed out are unlinked at once (`_out_of_shared_memory`); those grain read
+  ahead and drops when an iterator closes are unlinked as their arrays are deleted, on
+  grain's one daemon thread. Drops just before exit leave unlinks that the exit cuts
+  short, and Python's resource tracker reports each as a leaked shared_memory object.
+  Run at exit: collect what is unreferenced, then wait for a no-op queued behind those
+  unlinks.
   """
   gc.collect()
   shared_memory_array = getattr(grain.multiprocessing, "SharedMemoryArray", None)
@@ -311,6 +333,8 @@ class BatchIterator(Iterator):
     if _ERROR_KEY in batch:
       raise UserError(batch[_ERROR_KEY])
     self._step += 1
+    if self._workers > 0:
+      batch = {key: _out_of_shared_memory(value) for key, value in batch.items()}
     return batch
 
   def get_state(self) -> dict[str, int]:
