@@ -76,8 +76,9 @@ def _take(iterator, count):
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
   for a, b in zip(batches_a, batches_b):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
+    assert set(a) == set(b) and "image" in a
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_adversarial_batches(data_root):
@@ -88,7 +89,8 @@ def test_adversarial_batches(data_root):
   assert source["image"].shape == (2, 12, 24, 3) and source["image"].dtype == np.uint8
   assert target["image"].dtype == np.uint8
   assert source["label"].shape == (2, 12, 24) and source["label"].dtype == np.uint8
-  assert target["image"].shape == (2, 16, 32, 3) and target["label"].shape == (2, 16, 32)
+  assert target["image"].shape == (2, 16, 32, 3)
+  assert set(target) == {"image"}  # the step uses no target label: none is read
   assert set(np.unique(source["label"])) <= {0, 2, 8, 10, 18, 255}
   for iterator in iterators.values():
     iterator.close()
@@ -197,7 +199,7 @@ def test_synthetic_streams(data_root):
   assert batch["image"].dtype == np.uint8  # normalised on the device
   assert batch["image"].shape[0] == config.solver.batch_size // 2
   assert batch["image"].shape[1:3] == tuple(config.data.source_size)[::-1]
-  assert next(iterators["target"])["label"].dtype == np.uint8
+  assert next(iterators["target"])["image"].dtype == np.uint8
 
 
 def test_unknown_dataset_and_format_are_user_errors(data_root):
@@ -302,3 +304,32 @@ def test_batches_from_workers_leave_no_shared_memory_behind_whoever_holds_them(t
                           text=True, timeout=300)
   assert result.returncode == 0 and "held 3" in result.stdout, result.stderr[-2000:]
   assert "leaked" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("jitter_first", [True, False])
+def test_image_only_path_gives_the_images_of_the_labelled_one(jitter_first):
+  transform = pipeline.ResizeTransform((24, 12), (0.5, 0.5, 0.5, 0.2), jitter_first)
+  example = {"image": _rgb(3, 26, 48), "label": _ids(3, 26, 48)}
+  for position in range(4):
+    image, _ = transform(example, np.random.default_rng([0, 2, position]))
+    alone = transform.image_only(example["image"], np.random.default_rng([0, 2, position]))
+    np.testing.assert_array_equal(alone, image)
+
+
+def test_target_stream_reads_no_label_and_keeps_its_images(data_root, monkeypatch):
+  config = _config(data_root)
+  labelled = pipeline._make_stream(config, "target", 2, 0, 1)  # pylint: disable=protected-access
+  labelled.with_labels = True
+  expected = [labelled(step)["image"] for step in range(3)]
+  serial = pipeline.target_loader(config)
+  config.data.workers = 2
+  parallel = pipeline.target_loader(config)
+  got_serial, got_parallel = _take(serial, 3), _take(parallel, 3)
+  parallel.close()
+  for want, a, b in zip(expected, got_serial, got_parallel):
+    np.testing.assert_array_equal(a["image"], want)
+    np.testing.assert_array_equal(b["image"], want)
+  # Not one label file is opened on the way.
+  monkeypatch.setattr(pipeline.sources_lib, "read_label_ids",
+                      lambda path: pytest.fail(f"read the label {path}"))
+  next(pipeline.target_loader(_config(data_root)))

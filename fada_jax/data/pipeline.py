@@ -14,7 +14,8 @@ Per step a training iterator yields {'image': uint8 RGB [B/P, H, W, 3], 'label':
 float32's bytes; the step functions and the Predictor normalise them there
 (`transforms.normalize_on_device`, config.data.normalization). Stage 'source_only': the
 source stream gets the whole batch; 'adversarial': source and target get half each (as
-the release); 'self_distill': the one labelled stream, the pseudo-labelled target named
+the release), the target's batches {'image'} only (the step uses no target label, so none
+is read); 'self_distill': the one labelled stream, the pseudo-labelled target named
 by config.data.source ('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole
 batch, under 'source'.
 """
@@ -148,6 +149,13 @@ class ResizeTransform:
     label = transforms.resize_label(example["label"], self.size)
     return image, label
 
+  def image_only(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image __call__ would give (same draws), for streams whose labels go unused."""
+    if self.jitter_first and any(self.color_jitter):
+      return transforms.resize_image(transforms.color_jitter(image, self.color_jitter, rng),
+                                     self.size)
+    return transforms.resize_and_jitter(image, self.size, self.color_jitter, rng)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaleCropTransform:
@@ -184,7 +192,7 @@ class BatchMaker:
 
   def __init__(self, source, transform: Callable, seed: int, stream_id: int,
                global_batch: int, process_index: int, process_count: int,
-               order: np.ndarray | None = None):
+               order: np.ndarray | None = None, with_labels: bool = True):
     if global_batch % process_count:
       raise UserError(f"global batch size {global_batch} is not divisible by the "
                       f"{process_count} JAX processes")
@@ -196,6 +204,8 @@ class BatchMaker:
     self.offset = process_index * self.local_batch
     self.order = order
     self.num_files = len(source)
+    # Stage 2's target stream: its labels go unused, so they are neither read nor decoded.
+    self.with_labels = bool(with_labels)
 
   def positions(self, step: int) -> range:
     start = int(step) * self.global_batch + self.offset
@@ -208,9 +218,16 @@ class BatchMaker:
 
   def example(self, position: int):
     rng = np.random.default_rng([self.seed, self.stream_id, position])
-    return self.transform(self.source[self.file_index(position)], rng)
+    index = self.file_index(position)
+    if not self.with_labels:
+      read_image = getattr(self.source, "read_image", None)
+      image = read_image(index) if read_image else self.source[index]["image"]
+      return self.transform.image_only(image, rng)
+    return self.transform(self.source[index], rng)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
+    if not self.with_labels:
+      return {"image": np.stack([self.example(k) for k in self.positions(step)])}
     images, labels = zip(*(self.example(k) for k in self.positions(step)))
     return {"image": np.stack(images), "label": np.stack(labels)}
 
@@ -414,7 +431,7 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
   size = tuple(int(v) for v in config.data.target_size)
   transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0))
   return BatchMaker(source, transform, config.seed, stream_id, global_batch,
-                    process_index, process_count)
+                    process_index, process_count, with_labels=False)
 
 
 def _stream_iterator(config, stream: str, global_batch: int, process_index: int,

@@ -117,6 +117,12 @@ class PreparedSource:
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self._decode(r) for r in self._open().__getitems__([int(i) for i in indices])]
 
+  def read_image(self, index: int) -> np.ndarray:
+    """The image of frame `index` alone (as `self[index]['image']`), its label undecoded."""
+    record = self._open()[int(index)]
+    name = record["name"]
+    return _decode_image(record["image"], name.decode() if isinstance(name, bytes) else str(name))
+
   def read_encoded(self, index: int) -> dict[str, Any]:
     """The stored record undecoded: image and label PNG bytes, name, classes."""
     return self._open()[int(index)]
