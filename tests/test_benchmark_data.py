@@ -29,7 +29,8 @@ def test_data_benchmark_says_whether_the_stream_sustains_a_step_rate(benchmark, 
   slow = _run(benchmark, capsys, f"--dataset={dataset}", "--steps-per-second=0.001")
   assert slow["dataset"] == dataset and slow["workers"] == 0
   assert slow["image_dtype"] == "uint8" and slow["image_shape"] == [2, 80, 160, 3]
-  assert slow["bytes_per_batch"] == 2 * 80 * 160 * 3 + 2 * 80 * 160  # images + labels
+  labels = 2 * 80 * 160 if dataset == "synthetic_source" else 0  # the step uses no target label
+  assert slow["bytes_per_batch"] == 2 * 80 * 160 * 3 + labels
   rate = slow["batches_per_second"]
   assert 0 < rate and slow["images_per_second"] == pytest.approx(2 * rate, rel=1e-2)
   assert slow["sustains"] is True
@@ -76,11 +77,18 @@ def test_generated_frames_in_the_real_layouts_folder_and_array_record(benchmark,
   # The stage-2 training sizes: source 1280x720, target 1024x512.
   assert folder["streams"]["source"]["image_shape"] == [2, 720, 1280, 3]
   assert folder["streams"]["target"]["image_shape"] == [2, 512, 1024, 3]
+  assert folder["streams"]["source"]["prepared_size"] is None
   prepared = _run(benchmark, capsys, f"--generate={root}", "--generate_frames=3",
                   "--format=array_record", "--dataset=gta5")
   assert prepared["format"] == "array_record" and prepared["image_shape"] == [2, 720, 1280, 3]
   assert (root / "prepared" / "gta5" / "classes19").is_dir()
   assert (root / "prepared" / "cityscapes" / "classes19").is_dir()
+  # Also prepared at the training sizes: read by the streams whose batches they give.
+  assert prepared["prepared_size"] is None  # colour jitter first, on the full-size frame
+  resized = _run(benchmark, capsys, f"--generate={root}", "--format=array_record",
+                 "--jitter_after_resize")
+  assert resized["streams"]["source"]["prepared_size"] == [1280, 720]
+  assert resized["streams"]["target"]["prepared_size"] == [1024, 512]
 
 
 def test_generate_refuses_the_synthetic_streams(benchmark):

@@ -333,3 +333,40 @@ def test_target_stream_reads_no_label_and_keeps_its_images(data_root, monkeypatc
   monkeypatch.setattr(pipeline.sources_lib, "read_label_ids",
                       lambda path: pytest.fail(f"read the label {path}"))
   next(pipeline.target_loader(_config(data_root)))
+
+
+def test_frames_prepared_at_the_training_size_give_the_same_batches(data_root, tmp_path):
+  from fada_jax.data import prepared
+  from fada_jax.data.builders import preparation
+  root = tmp_path / "data"
+  for name in ("gta5", "cityscapes"):
+    shutil.copytree(data_root / name, root / name)
+  config = _config(root, batch=4)
+  config.data.jitter_first = False  # jitter after the resize: the resized frame suffices
+  folder = [_take(pipeline.source_loader(config), 3), _take(pipeline.target_loader(config), 3)]
+  for name, size in (("gta5", (24, 12)), ("cityscapes", (32, 16))):
+    for image_size in (None, size):
+      preparation.prepare(name, root, root / "prepared", 19, progress=False,
+                          image_size=image_size)
+  config.data.format = "array_record"
+  source, target = pipeline.source_loader(config), pipeline.target_loader(config)
+  assert source._make_batch.source.image_size == (24, 12)  # pylint: disable=protected-access
+  assert target._make_batch.source.image_size == (32, 16)  # pylint: disable=protected-access
+  assert prepared.make_prepared_source("gta5", root, "train", 19)[3]["image"].shape == (
+      28, 50, 3)  # the full-size dataset is untouched
+  _assert_same(folder[0], _take(source, 3))
+  _assert_same(folder[1], _take(target, 3))
+  # The release's order jitters the full-size frame: the source stream reads that one.
+  config.data.jitter_first = True
+  jittered = pipeline.source_loader(config)
+  assert jittered._make_batch.source.image_size is None  # pylint: disable=protected-access
+  config.data.format = "folder"
+  _assert_same(_take(pipeline.source_loader(config), 2), _take(jittered, 2))
+
+
+def test_training_sizes_of_the_preparation_are_the_configs():
+  from fada_jax.data import prepare
+  for task, source in (("g2c", "gta5"), ("s2c", "synthia")):
+    config = config_lib.make_config(task, "adversarial")
+    assert prepare.TRAINING_SIZES[source] == tuple(config.data.source_size)
+    assert prepare.TRAINING_SIZES["cityscapes"] == tuple(config.data.target_size)

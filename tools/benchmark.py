@@ -276,16 +276,25 @@ def generate_data(root: str, frames: int, array_record: bool, progress: bool = T
     synthetic.write_synthetic_folders(root_path, frames, frames, 2, image_size=GTA5_FRAME,
                                       target_image_size=CITYSCAPES_FRAME)
   if array_record:
+    import contextlib  # pylint: disable=g-import-not-at-top
+    from fada_jax.data import prepare  # pylint: disable=g-import-not-at-top
     from fada_jax.data.builders import preparation  # pylint: disable=g-import-not-at-top
-    for name in ("gta5", "cityscapes"):
-      preparation.prepare(name, root_path, root_path / "prepared", 19,
-                          workers=os.cpu_count() or 1, progress=progress)
+    # TFDS reports on stdout, which carries the --json line.
+    with contextlib.redirect_stdout(sys.stderr):
+      for name in ("gta5", "cityscapes"):
+        for size in (None, prepare.TRAINING_SIZES[name]):
+          preparation.prepare(name, root_path, root_path / "prepared", 19,
+                              workers=os.cpu_count() or 1, progress=progress,
+                              image_size=size)
   return str(root_path)
 
 
-def _stream_stats(first: dict, times: list[float], batch: int, workers: int) -> dict[str, Any]:
+def _stream_stats(first: dict, times: list[float], batch: int, workers: int,
+                  frame_size: list[int] | None) -> dict[str, Any]:
   batches_per_second = len(times) / sum(times)
   return {"workers": workers, "image_shape": list(first["image"].shape),
+          # The frames read: prepared at the training size, or (None) full size.
+          "prepared_size": frame_size,
           "image_dtype": str(first["image"].dtype),
           "bytes_per_batch": int(sum(v.nbytes for v in first.values())),
           "step_seconds_median": round(statistics.median(times), 4),
@@ -333,6 +342,13 @@ def _time_streams(iterators: dict[str, Any], steps: int, warmup: int
   return results
 
 
+def _prepared_size(iterator) -> list[int] | None:
+  """[width, height] of a stream's frames when prepared at a training size, else None."""
+  source = getattr(getattr(iterator, "_make_batch", None), "source", None)
+  size = getattr(source, "image_size", None)
+  return list(size) if size else None
+
+
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
   """Batches/s of the stage-2 input: read, decode, resize, jitter, batch (uint8;
   normalisation runs on the device), of each stream, both at once by default (a stage-2
@@ -369,7 +385,8 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
   finally:
     for iterator in iterators.values():
       iterator.close()
-  stats = {stream: _stream_stats(first, times, args.batch, args.workers)
+  stats = {stream: _stream_stats(first, times, args.batch, args.workers,
+                                 _prepared_size(iterators[stream]))
            for stream, (first, times) in timed.items()}
   # A step needs a batch of every stream: the input's step rate is the slowest stream's.
   steps_per_second = min(s["batches_per_second"] for s in stats.values())

@@ -407,10 +407,34 @@ def _class_presence(source, num_classes: int) -> np.ndarray:
   return presence[:, :num_classes]
 
 
+def _resized_source(config, stream: str, size: tuple[int, int],
+                    jitter: tuple[float, float, float, float]):
+  """The stream's train split prepared at its training size, when that gives exactly the
+  batches of the full-size frames: the resize comes first (no jitter, or jitter after
+  it). None otherwise, or when it is not prepared (`prepare_data.py --at_training_size`)."""
+  if _data_field(config, "format", "folder") != "array_record" or config.stage not in (
+      "source_only", "adversarial"):
+    return None
+  if any(jitter) and _jitter_first(config):
+    return None  # The release jitters the full-size frame: only that frame gives its pixels.
+  from fada_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  name = config.data.source if stream == "source" else config.data.target
+  return prepared.resized_source_if_prepared(name, config.data.root,
+                                             int(config.model.num_classes), size)
+
+
 def _make_stream(config, stream: str, global_batch: int, process_index: int,
                  process_count: int) -> BatchMaker:
-  source = _training_source(config, stream)
   stream_id = SOURCE_STREAM if stream == "source" else TARGET_STREAM
+  if config.stage != "self_distill":
+    size = tuple(int(v) for v in (config.data.source_size if stream == "source"
+                                  else config.data.target_size))
+    jitter = (_jitter(config) if stream == "source" and config.stage == "adversarial"
+              else (0.0, 0.0, 0.0, 0.0))
+    source = (_resized_source(config, stream, size, jitter)
+              or _training_source(config, stream))
+  else:
+    source = _training_source(config, stream)
   if config.stage == "self_distill":
     transform = ScaleCropTransform(
         tuple(int(v) for v in config.data.crop_size),
@@ -419,8 +443,6 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
   if stream == "source":
-    size = tuple(int(v) for v in config.data.source_size)
-    jitter = _jitter(config) if config.stage == "adversarial" else (0.0, 0.0, 0.0, 0.0)
     transform = ResizeTransform(size, jitter, _jitter_first(config))
     total = int(config.solver.max_iter) * global_batch
     presence = _class_presence(source, int(config.model.num_classes))
@@ -428,8 +450,7 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
         presence, sampling.num_class_balanced_draws(total), int(config.seed))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count, order)
-  size = tuple(int(v) for v in config.data.target_size)
-  transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0))
+  transform = ResizeTransform(size, jitter)
   return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                     process_index, process_count, with_labels=False)
 
