@@ -431,8 +431,9 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
                                   else config.data.target_size))
     jitter = (_jitter(config) if stream == "source" and config.stage == "adversarial"
               else (0.0, 0.0, 0.0, 0.0))
-    source = (_resized_source(config, stream, size, jitter)
-              or _training_source(config, stream))
+    source = _resized_source(config, stream, size, jitter)
+    if source is None:
+      source = _training_source(config, stream)
   else:
     source = _training_source(config, stream)
   if config.stage == "self_distill":
