@@ -1,5 +1,6 @@
 """grain pipelines: shapes per stage, determinism across workers, resume, sharding, eval."""
 
+import pathlib
 import shutil
 
 import numpy as np
@@ -75,8 +76,9 @@ def _take(iterator, count):
 def _assert_same(batches_a, batches_b):
   assert len(batches_a) == len(batches_b)
   for a, b in zip(batches_a, batches_b):
-    np.testing.assert_array_equal(a["image"], b["image"])
-    np.testing.assert_array_equal(a["label"], b["label"])
+    assert set(a) == set(b) and "image" in a
+    for key in a:
+      np.testing.assert_array_equal(a[key], b[key])
 
 
 def test_adversarial_batches(data_root):
@@ -87,7 +89,8 @@ def test_adversarial_batches(data_root):
   assert source["image"].shape == (2, 12, 24, 3) and source["image"].dtype == np.uint8
   assert target["image"].dtype == np.uint8
   assert source["label"].shape == (2, 12, 24) and source["label"].dtype == np.uint8
-  assert target["image"].shape == (2, 16, 32, 3) and target["label"].shape == (2, 16, 32)
+  assert target["image"].shape == (2, 16, 32, 3)
+  assert set(target) == {"image"}  # the step uses no target label: none is read
   assert set(np.unique(source["label"])) <= {0, 2, 8, 10, 18, 255}
   for iterator in iterators.values():
     iterator.close()
@@ -196,7 +199,7 @@ def test_synthetic_streams(data_root):
   assert batch["image"].dtype == np.uint8  # normalised on the device
   assert batch["image"].shape[0] == config.solver.batch_size // 2
   assert batch["image"].shape[1:3] == tuple(config.data.source_size)[::-1]
-  assert next(iterators["target"])["label"].dtype == np.uint8
+  assert next(iterators["target"])["image"].dtype == np.uint8
 
 
 def test_unknown_dataset_and_format_are_user_errors(data_root):
@@ -265,3 +268,105 @@ def test_a_data_error_in_a_worker_process_is_the_same_one_line_error(data_root, 
       pass
   loader.close()
   assert "Traceback" not in capfd.readouterr().err  # workers print nothing of their own
+
+
+_HOLD_BATCHES_IN_JAX_UNTIL_EXIT = """
+import sys
+import jax
+import numpy as np
+from fada_jax.data import pipeline
+
+class Steps:
+  def __call__(self, step):
+    return {"image": np.full((2, 32, 64, 3), step, np.uint8), "label": np.zeros((2, 32, 64), np.uint8)}
+
+if __name__ == "__main__":
+  loader = pipeline.BatchIterator(Steps(), 0, workers=2)
+  # JAX on CPU aliases aligned host memory, so these device arrays keep the batches'
+  # memory alive to the end of the interpreter.
+  held = [jax.device_put(next(loader)["image"]) for _ in range(3)]
+  loader.close()
+  assert [int(np.asarray(x)[0, 0, 0, 0]) for x in held] == [0, 1, 2]
+  print("held", len(held))
+"""
+
+
+def test_batches_from_workers_leave_no_shared_memory_behind_whoever_holds_them(tmp_path):
+  import os
+  import subprocess
+  import sys
+  script = tmp_path / "hold.py"
+  script.write_text(_HOLD_BATCHES_IN_JAX_UNTIL_EXIT)
+  env = dict(os.environ, JAX_PLATFORMS="cpu",
+             PYTHONPATH=os.pathsep.join([str(pathlib.Path(__file__).parent.parent),
+                                         os.environ.get("PYTHONPATH", "")]))
+  result = subprocess.run([sys.executable, str(script)], env=env, capture_output=True,
+                          text=True, timeout=300)
+  assert result.returncode == 0 and "held 3" in result.stdout, result.stderr[-2000:]
+  assert "leaked" not in result.stderr, result.stderr[-2000:]
+
+
+@pytest.mark.parametrize("jitter_first", [True, False])
+def test_image_only_path_gives_the_images_of_the_labelled_one(jitter_first):
+  transform = pipeline.ResizeTransform((24, 12), (0.5, 0.5, 0.5, 0.2), jitter_first)
+  example = {"image": _rgb(3, 26, 48), "label": _ids(3, 26, 48)}
+  for position in range(4):
+    image, _ = transform(example, np.random.default_rng([0, 2, position]))
+    alone = transform.image_only(example["image"], np.random.default_rng([0, 2, position]))
+    np.testing.assert_array_equal(alone, image)
+
+
+def test_target_stream_reads_no_label_and_keeps_its_images(data_root, monkeypatch):
+  config = _config(data_root)
+  labelled = pipeline._make_stream(config, "target", 2, 0, 1)  # pylint: disable=protected-access
+  labelled.with_labels = True
+  expected = [labelled(step)["image"] for step in range(3)]
+  serial = pipeline.target_loader(config)
+  config.data.workers = 2
+  parallel = pipeline.target_loader(config)
+  got_serial, got_parallel = _take(serial, 3), _take(parallel, 3)
+  parallel.close()
+  for want, a, b in zip(expected, got_serial, got_parallel):
+    np.testing.assert_array_equal(a["image"], want)
+    np.testing.assert_array_equal(b["image"], want)
+  # Not one label file is opened on the way.
+  monkeypatch.setattr(pipeline.sources_lib, "read_label_ids",
+                      lambda path: pytest.fail(f"read the label {path}"))
+  next(pipeline.target_loader(_config(data_root)))
+
+
+def test_frames_prepared_at_the_training_size_give_the_same_batches(data_root, tmp_path):
+  from fada_jax.data import prepared
+  from fada_jax.data.builders import preparation
+  root = tmp_path / "data"
+  for name in ("gta5", "cityscapes"):
+    shutil.copytree(data_root / name, root / name)
+  config = _config(root, batch=4)
+  config.data.jitter_first = False  # jitter after the resize: the resized frame suffices
+  folder = [_take(pipeline.source_loader(config), 3), _take(pipeline.target_loader(config), 3)]
+  for name, size in (("gta5", (24, 12)), ("cityscapes", (32, 16))):
+    for image_size in (None, size):
+      preparation.prepare(name, root, root / "prepared", 19, progress=False,
+                          image_size=image_size)
+  config.data.format = "array_record"
+  source, target = pipeline.source_loader(config), pipeline.target_loader(config)
+  assert source._make_batch.source.image_size == (24, 12)  # pylint: disable=protected-access
+  assert target._make_batch.source.image_size == (32, 16)  # pylint: disable=protected-access
+  assert prepared.make_prepared_source("gta5", root, "train", 19)[3]["image"].shape == (
+      28, 50, 3)  # the full-size dataset is untouched
+  _assert_same(folder[0], _take(source, 3))
+  _assert_same(folder[1], _take(target, 3))
+  # The release's order jitters the full-size frame: the source stream reads that one.
+  config.data.jitter_first = True
+  jittered = pipeline.source_loader(config)
+  assert jittered._make_batch.source.image_size is None  # pylint: disable=protected-access
+  config.data.format = "folder"
+  _assert_same(_take(pipeline.source_loader(config), 2), _take(jittered, 2))
+
+
+def test_training_sizes_of_the_preparation_are_the_configs():
+  from fada_jax.data import prepare
+  for task, source in (("g2c", "gta5"), ("s2c", "synthia")):
+    config = config_lib.make_config(task, "adversarial")
+    assert prepare.TRAINING_SIZES[source] == tuple(config.data.source_size)
+    assert prepare.TRAINING_SIZES["cityscapes"] == tuple(config.data.target_size)

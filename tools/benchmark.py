@@ -2,7 +2,8 @@
 
   python tools/benchmark.py --mode=eval --arch=resnet101 --batch=1 --size=1024x512 --steps=3 --json
   python tools/benchmark.py --mode=eval --backend=torch ...   (the same network in PyTorch)
-  python tools/benchmark.py --mode=data --dataset=gta5 --data_root=/data --workers=4 --batch=8 --steps=20 --json
+  python tools/benchmark.py --mode=data --data_root=/data --workers=4 --batch=4 --steps=20 --steps-per-second=6 --json
+  python tools/benchmark.py --mode=data --generate=/tmp/frames --workers=2 --batch=4 --steps=10 --json
   python tools/benchmark.py --mode=data --dataset=synthetic_source --workers=2 --steps-per-second=6 --json
   python tools/benchmark.py --mode=predict --arch=resnet101 --size=2048x1024 --frames=4 --steps=2 --json
 
@@ -16,9 +17,15 @@ data pipeline feeds them: the timed step includes the normalisation on the devic
 `--mode=predict` times whole `--mode=predict` and `--mode=eval` runs over the same
 generated frames, alternately (`run_predict` below).
 
-`--mode=data --steps-per-second=R` says whether the input path keeps up with a training
-step rate R: the batches/s it produced over the timed steps and `sustains` (true when
-that is at least R).
+`--mode=data` times the stage-2 input as it runs in training (default `--dataset=g2c`):
+the GTA5 source stream and the Cityscapes target stream read at once, each with its own
+`--workers` processes and each read on its own thread; per stream images/s and images/s
+per worker. `--steps-per-second=R` says whether the input keeps up with a training step
+rate R: `batches_per_second` is the slower stream's (a step needs a batch of each) and
+`sustains` is true when that is at least R. `--generate=DIR` writes (once) generated
+street scenes of the real frame sizes in the datasets' folder layouts under DIR (GTA5
+1914x1052, Cityscapes 2048x1024 PNGs) and reads those; with `--format=array_record` it
+also prepares them (DIR/prepared), so the input path can be timed without the datasets.
 
 Modes register themselves with `register_mode(name, add_arguments, run)`: `run(args)`
 returns the dict printed as one JSON line with --json.
@@ -226,76 +233,179 @@ register_mode("eval", _add_eval_arguments, run_eval)
 # ----------------------------------------------------------------------------- data
 
 
-_DATA_STREAMS = {  # --dataset -> (config task, stream)
-    "gta5": ("g2c", "source"), "cityscapes": ("g2c", "target"),
-    "synthetic_source": ("demo", "source"), "synthetic_target": ("demo", "target"),
-    "synthetic": ("demo", "source"),
+_DATA_STREAMS = {  # --dataset -> (config task, the streams timed)
+    "g2c": ("g2c", ("source", "target")), "demo": ("demo", ("source", "target")),
+    "gta5": ("g2c", ("source",)), "cityscapes": ("g2c", ("target",)),
+    "synthetic_source": ("demo", ("source",)), "synthetic_target": ("demo", ("target",)),
+    "synthetic": ("demo", ("source",)),
 }
+# Frame sizes of the real datasets (width, height), for --generate.
+GTA5_FRAME, CITYSCAPES_FRAME = (1914, 1052), (2048, 1024)
 
 
 def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
-  parser.add_argument("--dataset", choices=tuple(_DATA_STREAMS), default="gta5",
-                      help="gta5: the stage-2 source path (1280x720, colour jitter); "
-                      "cityscapes: the stage-2 target path (1024x512); synthetic_source, "
-                      "synthetic_target (synthetic = synthetic_source): the demo's streams, "
-                      "generated, no data needed")
+  parser.add_argument("--dataset", choices=tuple(_DATA_STREAMS), default="g2c",
+                      help="g2c (default): the stage-2 input as it trains, the GTA5 source "
+                      "stream (1280x720, colour jitter) and the Cityscapes target stream "
+                      "(1024x512) at once, each with its own --workers; gta5, cityscapes: "
+                      "one of them alone; demo: the demo's two synthetic streams at once; "
+                      "synthetic_source, synthetic_target (synthetic = synthetic_source): "
+                      "one alone (generated, no data needed)")
   parser.add_argument("--steps-per-second", type=float, default=None,
                       help="the training step rate to sustain: adds 'sustains'")
   parser.add_argument("--data_root", default="", help="folder holding gta5/, cityscapes/")
-  parser.add_argument("--workers", type=int, default=0, help="grain worker processes")
+  parser.add_argument("--generate", metavar="DIR", default="",
+                      help="time generated street scenes of the real frame sizes and formats "
+                      "instead (GTA5 1914x1052, Cityscapes 2048x1024 PNGs in the folder "
+                      "layout under DIR, written if absent; prepared as ArrayRecord under "
+                      "DIR/prepared with --format=array_record)")
+  parser.add_argument("--generate_frames", type=int, default=16,
+                      help="frames per dataset written by --generate")
+  parser.add_argument("--workers", type=int, default=0,
+                      help="grain worker processes of each stream")
   parser.add_argument("--format", choices=("folder", "array_record"), default="folder")
   parser.add_argument("--jitter_after_resize", action="store_true",
                       help="jitter the resized frame (config.data.jitter_first=False)")
 
 
+def generate_data(root: str, frames: int, array_record: bool, progress: bool = True) -> str:
+  """Real-size generated frames under `root` (folder layout; prepared if asked): the root."""
+  from pathlib import Path  # pylint: disable=g-import-not-at-top
+  from fada_jax.data import synthetic  # pylint: disable=g-import-not-at-top
+  root_path = Path(root).expanduser()
+  if not (root_path / "gta5").is_dir():
+    if progress:
+      print(f"writing {frames} GTA5-size and {frames} Cityscapes-size frames to {root_path}",
+            file=sys.stderr)
+    synthetic.write_synthetic_folders(root_path, frames, frames, 2, image_size=GTA5_FRAME,
+                                      target_image_size=CITYSCAPES_FRAME)
+  if array_record:
+    import contextlib  # pylint: disable=g-import-not-at-top
+    from fada_jax.data import prepare  # pylint: disable=g-import-not-at-top
+    from fada_jax.data.builders import preparation  # pylint: disable=g-import-not-at-top
+    # TFDS reports on stdout, which carries the --json line.
+    with contextlib.redirect_stdout(sys.stderr):
+      for name in ("gta5", "cityscapes"):
+        for size in (None, prepare.TRAINING_SIZES[name]):
+          preparation.prepare(name, root_path, root_path / "prepared", 19,
+                              workers=os.cpu_count() or 1, progress=progress,
+                              image_size=size)
+  return str(root_path)
+
+
+def _stream_stats(first: dict, times: list[float], batch: int, workers: int,
+                  frame_size: list[int] | None) -> dict[str, Any]:
+  batches_per_second = len(times) / sum(times)
+  return {"workers": workers, "image_shape": list(first["image"].shape),
+          # The frames read: prepared at the training size, or (None) full size.
+          "prepared_size": frame_size,
+          "image_dtype": str(first["image"].dtype),
+          "bytes_per_batch": int(sum(v.nbytes for v in first.values())),
+          "step_seconds_median": round(statistics.median(times), 4),
+          "batches_per_second": round(batches_per_second, 3),
+          "images_per_second": round(batch * batches_per_second, 3),
+          "images_per_second_per_worker": round(
+              batch * batches_per_second / max(workers, 1), 3)}
+
+
+def _time_streams(iterators: dict[str, Any], steps: int, warmup: int
+                  ) -> dict[str, tuple[dict, list[float]]]:
+  """Reads every stream at once, each on its own thread, as training does.
+
+  Each thread times `steps` batches after `warmup` untimed ones, then keeps reading
+  (untimed) until every stream is done, so no stream is timed alone on the machine.
+  Returns {stream: (first batch, seconds per timed batch)}.
+  """
+  import threading  # pylint: disable=g-import-not-at-top
+  results, errors = {}, []
+  lock = threading.Lock()
+  pending = [len(iterators)]  # streams still timing
+
+  def read(name, iterator):
+    try:
+      first = next(iterator)  # worker start-up, label-info table, first batch
+      results[name] = (first, time_steps(lambda: next(iterator), steps, warmup=warmup))
+    except BaseException as error:  # pylint: disable=broad-except  (raised below)
+      errors.append(error)
+    with lock:
+      pending[0] -= 1
+    try:
+      while pending[0] and not errors:
+        next(iterator)
+    except BaseException as error:  # pylint: disable=broad-except
+      errors.append(error)
+
+  threads = [threading.Thread(target=read, args=item, daemon=True)
+             for item in iterators.items()]
+  for thread in threads:
+    thread.start()
+  for thread in threads:
+    thread.join()
+  if errors:
+    raise errors[0]
+  return results
+
+
+def _prepared_size(iterator) -> list[int] | None:
+  """[width, height] of a stream's frames when prepared at a training size, else None."""
+  source = getattr(getattr(iterator, "_make_batch", None), "source", None)
+  size = getattr(source, "image_size", None)
+  return list(size) if size else None
+
+
 def run_data(args: argparse.Namespace) -> dict[str, Any]:
-  """Batches/s of one stage-2 input stream: read, decode, resize, jitter, batch (uint8;
-  normalisation runs on the device). A stage-2 step takes one batch of each stream, and
-  each stream has its own `--workers`."""
+  """Batches/s of the stage-2 input: read, decode, resize, jitter, batch (uint8;
+  normalisation runs on the device), of each stream, both at once by default (a stage-2
+  step takes one batch of each; each stream has its own `--workers`)."""
   from fada_jax import config_lib
   from fada_jax.data import pipeline
   from fada_jax.errors import UserError
 
   if args.steps_per_second is not None and args.steps_per_second <= 0:
     raise SystemExit(f"error: --steps-per-second={args.steps_per_second} must be positive")
-  task, stream = _DATA_STREAMS[args.dataset]
+  task, streams = _DATA_STREAMS[args.dataset]
+  if args.generate and task != "g2c":
+    raise SystemExit(f"error: --generate writes GTA5 and Cityscapes frames; --dataset="
+                     f"{args.dataset} reads none")
   config = config_lib.make_config(task, "adversarial")
-  config.data.root = args.data_root
   config.data.format = args.format
   config.data.workers = args.workers
   config.data.jitter_first = not args.jitter_after_resize
-  config.solver.batch_size = 2 * args.batch  # the source stream gets half
-  iterator = None
+  config.solver.batch_size = 2 * args.batch  # each stream gets half
+  iterators = {}
   try:
-    iterator = (pipeline.source_loader if stream == "source"
-                else pipeline.target_loader)(config)
-    first = next(iterator)  # worker start-up, label-info table, first batch
+    config.data.root = (generate_data(args.generate, args.generate_frames,
+                                      args.format == "array_record")
+                        if args.generate else args.data_root)
+    for stream in streams:
+      iterators[stream] = (pipeline.source_loader if stream == "source"
+                           else pipeline.target_loader)(config)
     # Batches grain read ahead while the workers started would come for free: drain its
     # buffers (2 per worker, 2 without) first, so the timed steps run at production rate.
-    buffered = 2 * max(args.workers, 1)
-    times = time_steps(lambda: next(iterator), args.steps, warmup=buffered)
+    timed = _time_streams(iterators, args.steps, warmup=2 * max(args.workers, 1))
   except UserError as e:
     print(f"error: {e}", file=sys.stderr)
     sys.exit(2)
   finally:
-    if iterator is not None:
+    for iterator in iterators.values():
       iterator.close()
-  median = statistics.median(times)
-  batches_per_second = len(times) / sum(times)
+  stats = {stream: _stream_stats(first, times, args.batch, args.workers,
+                                 _prepared_size(iterators[stream]))
+           for stream, (first, times) in timed.items()}
+  # A step needs a batch of every stream: the input's step rate is the slowest stream's.
+  steps_per_second = min(s["batches_per_second"] for s in stats.values())
   result = {"mode": "data", "dataset": args.dataset, "format": args.format,
-            "workers": args.workers, "batch": args.batch,
-            "jitter_first": bool(config.data.jitter_first),
-            "image_shape": list(first["image"].shape),
-            "image_dtype": str(first["image"].dtype),
-            "bytes_per_batch": int(sum(v.nbytes for v in first.values())),
-            "step_seconds_median": round(median, 4),
-            "batches_per_second": round(batches_per_second, 3),
-            "images_per_second": round(args.batch * batches_per_second, 3),
-            "images_per_second_per_worker": round(
-                args.batch * batches_per_second / max(args.workers, 1), 3)}
+            "generated": bool(args.generate), "workers": args.workers,
+            "batch": args.batch, "jitter_first": bool(config.data.jitter_first)}
+  if len(stats) == 1:
+    result.update(next(iter(stats.values())))
+  else:
+    result.update({"streams": stats, "batches_per_second": steps_per_second,
+                   "images_per_second": round(sum(s["images_per_second"]
+                                                  for s in stats.values()), 3)})
   if args.steps_per_second is not None:
     result["steps_per_second"] = args.steps_per_second
-    result["sustains"] = batches_per_second >= args.steps_per_second
+    result["sustains"] = steps_per_second >= args.steps_per_second
   return result
 
 

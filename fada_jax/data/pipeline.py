@@ -14,7 +14,8 @@ Per step a training iterator yields {'image': uint8 RGB [B/P, H, W, 3], 'label':
 float32's bytes; the step functions and the Predictor normalise them there
 (`transforms.normalize_on_device`, config.data.normalization). Stage 'source_only': the
 source stream gets the whole batch; 'adversarial': source and target get half each (as
-the release); 'self_distill': the one labelled stream, the pseudo-labelled target named
+the release), the target's batches {'image'} only (the step uses no target label, so none
+is read); 'self_distill': the one labelled stream, the pseudo-labelled target named
 by config.data.source ('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole
 batch, under 'source'.
 """
@@ -148,6 +149,13 @@ class ResizeTransform:
     label = transforms.resize_label(example["label"], self.size)
     return image, label
 
+  def image_only(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """The image __call__ would give (same draws), for streams whose labels go unused."""
+    if self.jitter_first and any(self.color_jitter):
+      return transforms.resize_image(transforms.color_jitter(image, self.color_jitter, rng),
+                                     self.size)
+    return transforms.resize_and_jitter(image, self.size, self.color_jitter, rng)
+
 
 @dataclasses.dataclass(frozen=True)
 class ScaleCropTransform:
@@ -184,7 +192,7 @@ class BatchMaker:
 
   def __init__(self, source, transform: Callable, seed: int, stream_id: int,
                global_batch: int, process_index: int, process_count: int,
-               order: np.ndarray | None = None):
+               order: np.ndarray | None = None, with_labels: bool = True):
     if global_batch % process_count:
       raise UserError(f"global batch size {global_batch} is not divisible by the "
                       f"{process_count} JAX processes")
@@ -196,6 +204,8 @@ class BatchMaker:
     self.offset = process_index * self.local_batch
     self.order = order
     self.num_files = len(source)
+    # Stage 2's target stream: its labels go unused, so they are neither read nor decoded.
+    self.with_labels = bool(with_labels)
 
   def positions(self, step: int) -> range:
     start = int(step) * self.global_batch + self.offset
@@ -208,9 +218,16 @@ class BatchMaker:
 
   def example(self, position: int):
     rng = np.random.default_rng([self.seed, self.stream_id, position])
-    return self.transform(self.source[self.file_index(position)], rng)
+    index = self.file_index(position)
+    if not self.with_labels:
+      read_image = getattr(self.source, "read_image", None)
+      image = read_image(index) if read_image else self.source[index]["image"]
+      return self.transform.image_only(image, rng)
+    return self.transform(self.source[index], rng)
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
+    if not self.with_labels:
+      return {"image": np.stack([self.example(k) for k in self.positions(step)])}
     images, labels = zip(*(self.example(k) for k in self.positions(step)))
     return {"image": np.stack(images), "label": np.stack(labels)}
 
@@ -238,14 +255,36 @@ class _ErrorAsValue:
       return {_ERROR_KEY: str(e)}
 
 
+def _out_of_shared_memory(value: Any) -> Any:
+  """A batch array from grain's workers as an ordinary array, its shared memory unlinked.
+
+  grain hands a worker's arrays over in shared memory that is unlinked only when the
+  array is deleted. Batches go on to JAX, which on CPU aliases host memory instead of
+  copying it and drops its references late, from its own threads: the arrays of the last
+  steps then outlive the interpreter's exit handlers, and Python's resource tracker
+  reports their blocks as leaked (flakily, as it depends on when the device work ends).
+  One copy here (a few ms for a stage-2 batch) ends the block's life at once, whoever
+  holds the batch.
+  """
+  shm = getattr(value, "shm", None)
+  if shm is None or not isinstance(value, np.ndarray):
+    return value
+  owned = np.array(value, copy=True, subok=False)
+  if getattr(value, "_unlink_on_del", False):
+    value._unlink_on_del = False  # pylint: disable=protected-access  (unlinked here, once)
+    shm.unlink()
+  return owned
+
+
 def _finish_shared_memory_unlinks(timeout: float = 30.0) -> None:
   """Waits for grain's pending unlinks of the shared memory behind batches from workers.
 
-  A batch from grain's worker processes lives in shared memory that its arrays unlink
-  when they are deleted, on grain's one daemon thread. Batches freed just before exit
-  (the last one an evaluation read) leave unlinks that the exit cuts short, and
-  Python's resource tracker reports each as a leaked shared_memory object. Run at exit:
-  collect what is unreferenced, then wait for a no-op queued behind those unlinks.
+  Batches handed out are unlinked at once (`_out_of_shared_memory`); those grain read
+  ahead and drops when an iterator closes are unlinked as their arrays are deleted, on
+  grain's one daemon thread. Drops just before exit leave unlinks that the exit cuts
+  short, and Python's resource tracker reports each as a leaked shared_memory object.
+  Run at exit: collect what is unreferenced, then wait for a no-op queued behind those
+  unlinks.
   """
   gc.collect()
   shared_memory_array = getattr(grain.multiprocessing, "SharedMemoryArray", None)
@@ -311,6 +350,8 @@ class BatchIterator(Iterator):
     if _ERROR_KEY in batch:
       raise UserError(batch[_ERROR_KEY])
     self._step += 1
+    if self._workers > 0:
+      batch = {key: _out_of_shared_memory(value) for key, value in batch.items()}
     return batch
 
   def get_state(self) -> dict[str, int]:
@@ -366,10 +407,35 @@ def _class_presence(source, num_classes: int) -> np.ndarray:
   return presence[:, :num_classes]
 
 
+def _resized_source(config, stream: str, size: tuple[int, int],
+                    jitter: tuple[float, float, float, float]):
+  """The stream's train split prepared at its training size, when that gives exactly the
+  batches of the full-size frames: the resize comes first (no jitter, or jitter after
+  it). None otherwise, or when it is not prepared (`prepare_data.py --at_training_size`)."""
+  if _data_field(config, "format", "folder") != "array_record" or config.stage not in (
+      "source_only", "adversarial"):
+    return None
+  if any(jitter) and _jitter_first(config):
+    return None  # The release jitters the full-size frame: only that frame gives its pixels.
+  from fada_jax.data import prepared  # pylint: disable=g-import-not-at-top
+  name = config.data.source if stream == "source" else config.data.target
+  return prepared.resized_source_if_prepared(name, config.data.root,
+                                             int(config.model.num_classes), size)
+
+
 def _make_stream(config, stream: str, global_batch: int, process_index: int,
                  process_count: int) -> BatchMaker:
-  source = _training_source(config, stream)
   stream_id = SOURCE_STREAM if stream == "source" else TARGET_STREAM
+  if config.stage != "self_distill":
+    size = tuple(int(v) for v in (config.data.source_size if stream == "source"
+                                  else config.data.target_size))
+    jitter = (_jitter(config) if stream == "source" and config.stage == "adversarial"
+              else (0.0, 0.0, 0.0, 0.0))
+    source = _resized_source(config, stream, size, jitter)
+    if source is None:
+      source = _training_source(config, stream)
+  else:
+    source = _training_source(config, stream)
   if config.stage == "self_distill":
     transform = ScaleCropTransform(
         tuple(int(v) for v in config.data.crop_size),
@@ -378,8 +444,6 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
   if stream == "source":
-    size = tuple(int(v) for v in config.data.source_size)
-    jitter = _jitter(config) if config.stage == "adversarial" else (0.0, 0.0, 0.0, 0.0)
     transform = ResizeTransform(size, jitter, _jitter_first(config))
     total = int(config.solver.max_iter) * global_batch
     presence = _class_presence(source, int(config.model.num_classes))
@@ -387,10 +451,9 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
         presence, sampling.num_class_balanced_draws(total), int(config.seed))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count, order)
-  size = tuple(int(v) for v in config.data.target_size)
-  transform = ResizeTransform(size, (0.0, 0.0, 0.0, 0.0))
+  transform = ResizeTransform(size, jitter)
   return BatchMaker(source, transform, config.seed, stream_id, global_batch,
-                    process_index, process_count)
+                    process_index, process_count, with_labels=False)
 
 
 def _stream_iterator(config, stream: str, global_batch: int, process_index: int,

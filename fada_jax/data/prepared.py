@@ -74,6 +74,9 @@ class PreparedSource:
     except (TypeError, ValueError, AttributeError, OverflowError) as error:
       raise UserError(f"malformed prepared-dataset metadata {metadata_path}: "
                       f"{type(error).__name__}: {error}; {remedy}") from None
+    # (width, height) of frames prepared at a training size; None: as published.
+    size = metadata.get("image_size")
+    self.image_size = tuple(int(v) for v in size) if size else None
     if len(self._classes) != len(self.names):
       raise UserError(f"malformed prepared-dataset metadata {metadata_path}: "
                       f"{len(self.names)} names but {len(self._classes)} class lists in "
@@ -117,6 +120,12 @@ class PreparedSource:
   def __getitems__(self, indices: Sequence[int]) -> list[dict[str, Any]]:
     return [self._decode(r) for r in self._open().__getitems__([int(i) for i in indices])]
 
+  def read_image(self, index: int) -> np.ndarray:
+    """The image of frame `index` alone (as `self[index]['image']`), its label undecoded."""
+    record = self._open()[int(index)]
+    name = record["name"]
+    return _decode_image(record["image"], name.decode() if isinstance(name, bytes) else str(name))
+
   def read_encoded(self, index: int) -> dict[str, Any]:
     """The stored record undecoded: image and label PNG bytes, name, classes."""
     return self._open()[int(index)]
@@ -132,6 +141,16 @@ class PreparedSource:
     for row, classes in zip(table, self._classes):
       row[classes] = True
     return table
+
+
+def resized_source_if_prepared(name: str, root: str | os.PathLike, num_classes: int,
+                               image_size: tuple[int, int]) -> PreparedSource | None:
+  """The train split of `name` prepared at `image_size` (width, height), None if it is not."""
+  if name not in layout.RESIZABLE:
+    return None
+  path = layout.prepared_path(default_prepared_dir(root), name, num_classes,
+                              image_size=tuple(image_size))
+  return PreparedSource(path, "train") if (path / "metadata.json").is_file() else None
 
 
 def make_prepared_source(name: str, root: str | os.PathLike, split: str, num_classes: int, *,

@@ -240,6 +240,12 @@ class FolderSource:
           labels_lib.map_labels(ids, np.arange(256, dtype=np.uint8)))
     return labels_lib.map_labels(ids, self._lut)
 
+  def read_image(self, index: int) -> np.ndarray:
+    """The image of file `index` alone (as `self[index]['image']`), its label unread."""
+    if self.skip_corrupt:  # A corrupt file's replacement is decided by reading both.
+      return self[index]["image"]
+    return read_image(self.image_paths[int(index)])
+
   def _load(self, index: int) -> dict[str, Any]:
     image = read_image(self.image_paths[index])
     label = self.read_label(index)

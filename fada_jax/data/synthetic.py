@@ -403,8 +403,12 @@ def label_ids(train_ids19: np.ndarray) -> np.ndarray:
 
 def write_synthetic_folders(root: str | os.PathLike, num_source: int, num_target_train: int,
                             num_target_val: int, image_size: tuple[int, int] = (256, 128),
-                            seed: int = 0, city: str = "synthetic") -> Path:
+                            seed: int = 0, city: str = "synthetic",
+                            target_image_size: tuple[int, int] | None = None) -> Path:
   """Writes the source domain in the GTA5 layout and the target in the Cityscapes layout.
+
+  Source frames are `image_size` (width, height), target frames `target_image_size`
+  (default the same): (1914, 1052) and (2048, 1024) give the real datasets' frame sizes.
 
   root/gta5/images/<i:05d>.png + root/gta5/labels/<i:05d>.png (source train frames), and
   root/cityscapes/leftImg8bit/{train,val}/<city>/<city>_000000_<i:06d>_leftImg8bit.png +
@@ -425,7 +429,7 @@ def write_synthetic_folders(root: str | os.PathLike, num_source: int, num_target
     for folder in (image_dir, label_dir):
       folder.mkdir(parents=True, exist_ok=True)
     for i in range(count):
-      image, label = render_frame("target", split, i, seed, image_size)
+      image, label = render_frame("target", split, i, seed, target_image_size or image_size)
       stem = f"{city}_000000_{i:06d}"
       Image.fromarray(image).save(image_dir / f"{stem}_leftImg8bit.png")
       Image.fromarray(label_ids(label)).save(label_dir / f"{stem}_gtFine_labelIds.png")

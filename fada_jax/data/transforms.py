@@ -169,10 +169,11 @@ def adjust_hue(image: Image.Image, hue_factor: float) -> Image.Image:
   many distinct colours, the random gathers into the 64 MB tables cost as much as the
   conversions.)
   """
-  h, s, v = image.convert("HSV").split()
   shift = hue_shift_of(hue_factor)
-  h = h.point([(value + shift) % 256 for value in range(256)])
-  return Image.merge("HSV", (h, s, v)).convert("RGB")
+  # One table for the three bands (h shifted, s and v unchanged): the result of shifting
+  # the split-off h band and merging, without the split and merge copies.
+  table = [(value + shift) % 256 for value in range(256)] + list(range(256)) * 2
+  return image.convert("HSV").point(table).convert("RGB")
 
 
 def jitter_pil(image: Image.Image, params: JitterParams) -> Image.Image:

@@ -28,9 +28,10 @@ def image_size(path: str, data: bytes) -> tuple[int, int]:
     raise sources_lib.CorruptFileError(f"corrupt or truncated image file {path}: {error}") from None
 
 
-def encode_png(label: np.ndarray) -> bytes:
+def encode_png(array: np.ndarray) -> bytes:
+  """A lossless PNG of uint8 [H, W] (grey) or [H, W, 3] (RGB)."""
   buffer = io.BytesIO()
-  Image.fromarray(np.ascontiguousarray(label, np.uint8), mode="L").save(
+  Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(
       buffer, format="PNG", compress_level=6)
   return buffer.getvalue()
 
@@ -41,8 +42,25 @@ def present_classes(train_ids: np.ndarray, num_classes: int) -> np.ndarray:
   return np.flatnonzero(counts[:num_classes]).astype(np.uint8)
 
 
-def encode_example(source: sources_lib.FolderSource, index: int) -> dict[str, Any]:
-  """The stored record of frame `index` of a folder source."""
+def encode_resized_example(source: sources_lib.FolderSource, index: int,
+                           size: tuple[int, int]) -> dict[str, Any]:
+  """Frame `index` at a training size (width, height): what the stages-1-2 transform
+  makes of it before any colour jitter, bicubic image and nearest label (the same PIL
+  calls), stored losslessly. `classes` are those of the full-size label, so the
+  class-balanced sampler draws the same files as from the full-size dataset."""
+  from fada_jax.data import transforms  # pylint: disable=g-import-not-at-top
+  example = source[index]
+  return {"image": encode_png(transforms.resize_image(example["image"], size)),
+          "label": encode_png(transforms.resize_label(example["label"], size)),
+          "name": example["name"],
+          "classes": present_classes(example["label"], source.num_classes)}
+
+
+def encode_example(source: sources_lib.FolderSource, index: int,
+                   size: tuple[int, int] | None = None) -> dict[str, Any]:
+  """The stored record of frame `index` of a folder source (at `size` if given)."""
+  if size is not None:
+    return encode_resized_example(source, index, size)
   image_path = source.image_paths[index]
   try:
     with open(image_path, "rb") as f:
@@ -59,18 +77,20 @@ def encode_example(source: sources_lib.FolderSource, index: int) -> dict[str, An
 
 
 _worker_source: sources_lib.FolderSource | None = None
+_worker_size: tuple[int, int] | None = None
 
 
-def init_worker(source: sources_lib.FolderSource) -> None:
-  global _worker_source
-  _worker_source = source
+def init_worker(source: sources_lib.FolderSource,
+                size: tuple[int, int] | None = None) -> None:
+  global _worker_source, _worker_size
+  _worker_source, _worker_size = source, size
 
 
 def encode_in_worker(args: tuple[int, bool]) -> tuple[int, dict[str, Any] | str]:
   """(index, record) or, for a corrupt frame when skipping those, (index, error message)."""
   index, skip_corrupt = args
   try:
-    return index, encode_example(_worker_source, index)
+    return index, encode_example(_worker_source, index, _worker_size)
   except sources_lib.CorruptFileError as error:
     if not skip_corrupt:
       raise

@@ -13,7 +13,8 @@ Folder layouts under a data root:
 Listing and label decoding are those of the folder sources (`fada_jax.data.sources`), so a
 prepared dataset holds exactly the frames, order, names and labels a folder source reads.
 Prepared data: <output>/<dataset>/<config>/<VERSION>/ with config `classes19` or
-`classes16` (`classes19_<hash of the pseudo-label folder>` for cityscapes_pseudo).
+`classes16` (`classes19_<hash of the pseudo-label folder>` for cityscapes_pseudo;
+`classes19_<W>x<H>` for a train split prepared at a training size).
 """
 
 from __future__ import annotations
@@ -53,12 +54,29 @@ def pseudo_label_tag(pseudo_label_dir: str | os.PathLike) -> str:
   return hashlib.sha1(resolved.encode()).hexdigest()[:8]
 
 
+# Datasets that can also be prepared at a training size, and the split that is: the
+# streams that resize whole frames to a fixed size (stages 1-2) read only their train split.
+RESIZABLE = ("gta5", "synthia", "cityscapes")
+RESIZED_SPLITS = ("train",)
+
+
+def size_tag(image_size: tuple[int, int] | None) -> str:
+  return "" if image_size is None else f"_{int(image_size[0])}x{int(image_size[1])}"
+
+
 def config_name(name: str, num_classes: int,
-                pseudo_label_dir: str | os.PathLike | None = None) -> str:
-  """The builder config name of a dataset in the 19- or 16-class setting."""
+                pseudo_label_dir: str | os.PathLike | None = None,
+                image_size: tuple[int, int] | None = None) -> str:
+  """The builder config name of a dataset in the 19- or 16-class setting (and at a
+  training size (width, height): `classes19_1280x720`)."""
   if num_classes not in (16, 19):
     raise UserError(f"num_classes must be 16 or 19, got {num_classes!r}")
   base = f"classes{num_classes}"
+  if image_size is not None:
+    if name not in RESIZABLE:
+      raise UserError(f"{name} is not prepared at a training size; only "
+                      f"{', '.join(RESIZABLE)} are")
+    return base + size_tag(image_size)
   if name == "cityscapes_pseudo":
     if not pseudo_label_dir:
       raise UserError("cityscapes_pseudo needs a pseudo-label folder "
@@ -68,7 +86,14 @@ def config_name(name: str, num_classes: int,
 
 
 def prepared_path(output_dir: str | os.PathLike, name: str, num_classes: int,
-                  pseudo_label_dir: str | os.PathLike | None = None) -> Path:
+                  pseudo_label_dir: str | os.PathLike | None = None,
+                  image_size: tuple[int, int] | None = None) -> Path:
   """The directory holding a complete prepared dataset (exists only when complete)."""
   check_dataset(name)
-  return Path(output_dir) / name / config_name(name, num_classes, pseudo_label_dir) / VERSION
+  return Path(output_dir) / name / config_name(name, num_classes, pseudo_label_dir,
+                                               image_size) / VERSION
+
+
+def splits(name: str, image_size: tuple[int, int] | None = None) -> tuple[str, ...]:
+  """The splits prepared of a dataset (at a training size: the train split)."""
+  return RESIZED_SPLITS if image_size is not None else DATASET_SPLITS[name]

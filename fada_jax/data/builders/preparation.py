@@ -76,24 +76,27 @@ def read_counts(path: Path) -> dict[str, int]:
 def prepare(name: str, data_root: str | os.PathLike, output_dir: str | os.PathLike,
             num_classes: int, workers: int = 1,
             pseudo_label_dir: str | os.PathLike | None = None,
-            skip_corrupt: bool = False, progress: bool = True) -> PrepareResult:
-  """Prepares `name` unless it is already complete; returns what was found or written."""
+            skip_corrupt: bool = False, progress: bool = True,
+            image_size: tuple[int, int] | None = None) -> PrepareResult:
+  """Prepares `name` unless it is already complete; returns what was found or written.
+
+  With `image_size` (width, height), the train split at that training size instead."""
   if name != "cityscapes_pseudo":
     pseudo_label_dir = None  # Only the pseudo-labelled dataset reads that folder.
   output_dir = Path(output_dir).expanduser()
   data_root = Path(data_root).expanduser()
-  path = layout.prepared_path(output_dir, name, num_classes, pseudo_label_dir)
+  path = layout.prepared_path(output_dir, name, num_classes, pseudo_label_dir, image_size)
   if path.is_dir():
     return PrepareResult(name, num_classes, path, True, read_counts(path), [])
   # Listing first gives a one-line error for a bad layout before anything is written.
-  for split in layout.DATASET_SPLITS[name]:
+  for split in layout.splits(name, image_size):
     sources_lib.make_source(name, data_root, split, num_classes, pseudo_label_dir=pseudo_label_dir)
   with _output_lock(output_dir):
     if path.is_dir():  # Finished by another process while we waited.
       return PrepareResult(name, num_classes, path, True, read_counts(path), [])
     _remove_leftovers(path.parent)
     builder = segmentation.make_builder(
-        name, output_dir, num_classes, pseudo_label_dir, workers=workers,
+        name, output_dir, num_classes, pseudo_label_dir, image_size, workers=workers,
         skip_corrupt=skip_corrupt, progress=progress)
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(data_root),

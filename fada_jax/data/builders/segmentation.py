@@ -44,10 +44,12 @@ def _features() -> tfds.features.FeaturesDict:
 class SegmentationConfig(tfds.core.BuilderConfig):
   """A class setting (19 or 16) and, for pseudo labels, the folder holding them."""
 
-  def __init__(self, *, num_classes: int, pseudo_label_dir: str | None = None, **kwargs):
+  def __init__(self, *, num_classes: int, pseudo_label_dir: str | None = None,
+               image_size: tuple[int, int] | None = None, **kwargs):
     super().__init__(**kwargs)
     self.num_classes = num_classes
     self.pseudo_label_dir = pseudo_label_dir
+    self.image_size = None if image_size is None else tuple(int(v) for v in image_size)
 
 
 class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=True):
@@ -93,8 +95,11 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     metadata["num_classes"] = self.builder_config.num_classes
     if pseudo_dir:
       metadata["pseudo_label_dir"] = str(Path(pseudo_dir).resolve())
+    image_size = getattr(self.builder_config, "image_size", None)
+    if image_size is not None:
+      metadata["image_size"] = list(image_size)
     generators = {}
-    for split in layout.DATASET_SPLITS[self.name]:
+    for split in layout.splits(self.name, image_size):
       source = sources_lib.make_source(self.name, root, split, self.builder_config.num_classes,
                                        pseudo_label_dir=pseudo_dir)
       generators[split] = self._generate_examples(split, source)
@@ -121,14 +126,15 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     bar = tqdm.tqdm(total=len(tasks), desc=f"{self.name}/{self.builder_config.name} {split}",
                     unit="frame", disable=not self._progress, dynamic_ncols=True)
     with bar:
+      image_size = getattr(self.builder_config, "image_size", None)
       if self._workers == 1:
-        encode.init_worker(source)
+        encode.init_worker(source, image_size)
         results = map(encode.encode_in_worker, tasks)
       else:
         # spawn: the parent may hold threads (JAX, TFDS) that make fork unsafe.
         context = multiprocessing.get_context("spawn")
         pool = context.Pool(min(self._workers, len(tasks)), initializer=encode.init_worker,
-                            initargs=(source,))
+                            initargs=(source, image_size))
         results = pool.imap(encode.encode_in_worker, tasks, chunksize=4)
       try:
         for result in results:
@@ -165,14 +171,21 @@ _BUILDERS = {cls.name: cls for cls in (Gta5, Synthia, Cityscapes, CityscapesPseu
 
 
 def make_builder(name: str, output_dir: str | os.PathLike, num_classes: int,
-                 pseudo_label_dir: str | os.PathLike | None = None, **kwargs
+                 pseudo_label_dir: str | os.PathLike | None = None,
+                 image_size: tuple[int, int] | None = None, **kwargs
                  ) -> _SegmentationBuilder:
-  """The builder of a dataset in a class setting, writing under `output_dir`."""
+  """The builder of a dataset in a class setting, writing under `output_dir` (its train
+  split at a training size (width, height) with `image_size`)."""
   layout.check_dataset(name)
   if name == "synthia" and num_classes != 16:
     raise UserError(f"SYNTHIA exists only in the 16-class setting, got num_classes={num_classes}")
-  config_name = layout.config_name(name, num_classes, pseudo_label_dir)
+  config_name = layout.config_name(name, num_classes, pseudo_label_dir, image_size)
   config: str | SegmentationConfig = config_name
+  if image_size is not None:
+    config = SegmentationConfig(name=config_name, num_classes=num_classes,
+                                image_size=image_size,
+                                description=f"{num_classes} classes, train frames at "
+                                f"{image_size[0]}x{image_size[1]}")
   if name == "cityscapes_pseudo":
     # One config per pseudo-label folder, so two folders never share a prepared dataset.
     config = SegmentationConfig(name=config_name, num_classes=num_classes,
