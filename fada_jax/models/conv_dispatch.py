@@ -182,16 +182,18 @@ conv_with_matmul_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 def _kernel_grad(x, grad, kernel_shape, strides, padding, rhs_dilation, precision):
   """dW by matrix products, in whichever of two layouts copies less data.
 
-  Stride 1 with fewer output than input channels: the gradient shifted once per tap and
-  stacked, G = [rows, KH*KW*O], and one product x^T G. Otherwise one product per tap,
-  g^T x_tap, over the tap's strided window of the padded input.
+  Stride 1 with at most as many output as input channels: the gradient shifted once per
+  tap and stacked, G = [rows, KH*KW*O], and one product x^T G (with as many outputs as
+  inputs this copies as much as the taps of x do, but one large product runs faster than
+  KH*KW small ones: 6 % of the ResNet-101 stage-2 step's CPU time). Otherwise one product
+  per tap, g^T x_tap, over the tap's strided window of the padded input.
   """
   kh_size, kw_size, channels, features = kernel_shape
   sh, sw = strides
   dh, dw = rhs_dilation
   (pt, pb), (pl, pr) = padding
   batch, out_h, out_w, _ = grad.shape
-  if (sh, sw) == (1, 1) and features < channels:
+  if (sh, sw) == (1, 1) and features <= channels:
     # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
     ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
     grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))
