@@ -51,6 +51,9 @@ CASES = {
               conv_dispatch.CONV_MATMUL_KERNEL_GRAD),
     '3x3 dilated 2': (3, 1, 2, ((2, 2), (2, 2)), 8, 8, (13, 17),
                       conv_dispatch.CONV_MATMUL_KERNEL_GRAD),
+    # More outputs than inputs: the kernel gradient per tap at stride 1.
+    '3x3 dilated 2, widening': (3, 1, 2, ((2, 2), (2, 2)), 6, 12, (13, 17),
+                                conv_dispatch.CONV_MATMUL_KERNEL_GRAD),
     '3x3 dilated 4, odd padding': (3, 1, 4, ((4, 1), (0, 5)), 40, 20, (13, 17),
                                    conv_dispatch.CONV_MATMUL_KERNEL_GRAD),
     'ASPP 3x3 dilated 6': (3, 1, 6, ((6, 6), (6, 6)), 40, 5, (13, 17),

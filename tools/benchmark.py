@@ -484,7 +484,7 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
   abstract_state = jax.eval_shape(make_state)
   shardings = parallel.state_sharding(abstract_state, mesh)
   step = parallel.jit_step(steps.make_step(config, network, abstract_state, matmul_convs),
-                           mesh, shardings)
+                           mesh, shardings, steps.compiler_options(config, matmul_convs))
   shapes = _train_batch_shapes(args)
   batch_sharding = parallel.batch_sharding(mesh)
   # Images and labels are uint8, as the data pipeline feeds them (normalised in the step).
@@ -515,7 +515,7 @@ def _train_jax(args: argparse.Namespace) -> dict[str, Any]:
     unrolled_network = models.build(unrolled)
     unrolled_step = parallel.jit_step(
         steps.make_step(unrolled, unrolled_network, abstract_state, matmul_convs), mesh,
-        shardings)
+        shardings, steps.compiler_options(unrolled, matmul_convs))
     model_cost = unrolled_step.lower(abstract_state, abstract_batch).cost_analysis()
     model_cost = model_cost[0] if isinstance(model_cost, (list, tuple)) else model_cost
     result["model_flops_per_step"] = (float(model_cost.get("flops", float("nan")))

@@ -142,17 +142,20 @@ class Predictor:
     self.settings = settings or InferenceSettings.from_config(config)
     self.replicated = NamedSharding(self.mesh, PartitionSpec())
     self.batch_sharded = NamedSharding(self.mesh, PartitionSpec(DATA_AXIS))
+    options = conv_dispatch.compiler_options(self.convs_as_matmuls) or None
     self._eval_step = jax.jit(
         self._eval_step_impl, static_argnames=("with_predictions",),
-        out_shardings=(self.replicated, self.replicated, self.batch_sharded))
+        out_shardings=(self.replicated, self.replicated, self.batch_sharded),
+        compiler_options=options)
     self._predict = jax.jit(self._predict_impl, static_argnames=("out_hw",),
-                            out_shardings=self.batch_sharded)
+                            out_shardings=self.batch_sharded, compiler_options=options)
     self._predict_with_probabilities = jax.jit(
         self._predict_with_probabilities_impl, static_argnames=("out_hw",),
-        out_shardings=(self.batch_sharded, self.batch_sharded))
+        out_shardings=(self.batch_sharded, self.batch_sharded), compiler_options=options)
     self._pseudo_label_step = jax.jit(
         self._pseudo_label_step_impl,
-        out_shardings=(self.replicated, self.replicated, self.batch_sharded, self.replicated))
+        out_shardings=(self.replicated, self.replicated, self.batch_sharded, self.replicated),
+        compiler_options=options)
 
   @property
   def num_devices(self) -> int:

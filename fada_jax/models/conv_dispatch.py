@@ -22,6 +22,15 @@ evaluation alike) goes through `conv_general_dilated`, and `conv_rule` decides p
       dW[kh, kw] = sum_{n,i,j} x_pad[n, i*s + kh*d, j*s + kw*d, :]^T g[n, i, j, :].
     Without differentiation (evaluation) this is XLA's convolution alone.
 Each equals the convolution (and its gradients) up to float summation order.
+
+The same setting gives the programs XLA:CPU options (`compiler_options`): YNNPACK fusions
+that take elementwise work (batch norm, residual adds, ReLUs) with the products. Without
+them, XLA:CPU's fusion pass duplicates cheap elementwise producers into each consumer, and
+along a ResNet stage's residual stream (block k's output feeds block k+1's first conv and
+its residual add) every block's output fusion recomputes the whole chain of adds before
+it: ResNet-101's 23-block layer3 costs O(23^2) elementwise passes, forward and backward
+(about a third of the stage-2 step's CPU time at 512x256). YNNPACK fusions are materialised,
+which ends the chains.
 """
 
 import contextlib
@@ -62,6 +71,35 @@ def matmul_convs_enabled(setting: Union[str, bool, None] = 'auto',
   if setting is None or setting == 'auto':
     return (jax.default_backend() if backend is None else backend) == 'cpu'
   raise UserError(f'matmul_convs={setting!r} is not one of {", ".join(SETTINGS)}')
+
+
+# XLA:CPU's default YNNPACK fusions are single products and convolutions; adding 'dot'
+# and 'eltwise' lets them take the elementwise producers and consumers of a product.
+_YNN_FUSION_TYPES = ('LIBRARY_FUSION_TYPE_INDIVIDUAL_DOT',
+                     'LIBRARY_FUSION_TYPE_INDIVIDUAL_CONVOLUTION',
+                     'LIBRARY_FUSION_TYPE_DOT', 'LIBRARY_FUSION_TYPE_ELTWISE')
+_CPU_OPTIONS = {'xla_cpu_experimental_ynn_fusion_type': ','.join(_YNN_FUSION_TYPES)}
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_options_supported() -> bool:
+  """Whether this jaxlib's XLA takes _CPU_OPTIONS (an experimental option that a later
+  XLA may rename): one tiny compilation per process."""
+  try:
+    jax.jit(lambda x: x + 1, compiler_options=_CPU_OPTIONS).lower(
+        jax.ShapeDtypeStruct((2,), jnp.float32)).compile()
+  except Exception:  # pylint: disable=broad-except
+    return False
+  return True
+
+
+def compiler_options(enabled: bool) -> dict:
+  """XLA options for a program built with `use_matmul_convs(enabled)`: with the matrix
+  product forms (the CPU), YNNPACK fusions that take elementwise work too (see the
+  module docstring); otherwise none, so GPU and TPU programs are unchanged."""
+  if not enabled or not _cpu_options_supported():
+    return {}
+  return dict(_CPU_OPTIONS)
 
 
 def enabled_for(config, override: Optional[bool] = None) -> bool:
@@ -144,16 +182,18 @@ conv_with_matmul_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 def _kernel_grad(x, grad, kernel_shape, strides, padding, rhs_dilation, precision):
   """dW by matrix products, in whichever of two layouts copies less data.
 
-  Stride 1 with fewer output than input channels: the gradient shifted once per tap and
-  stacked, G = [rows, KH*KW*O], and one product x^T G. Otherwise one product per tap,
-  g^T x_tap, over the tap's strided window of the padded input.
+  Stride 1 with at most as many output as input channels: the gradient shifted once per
+  tap and stacked, G = [rows, KH*KW*O], and one product x^T G (with as many outputs as
+  inputs this copies as much as the taps of x do, but one large product runs faster than
+  KH*KW small ones: 6 % of the ResNet-101 stage-2 step's CPU time). Otherwise one product
+  per tap, g^T x_tap, over the tap's strided window of the padded input.
   """
   kh_size, kw_size, channels, features = kernel_shape
   sh, sw = strides
   dh, dw = rhs_dilation
   (pt, pb), (pl, pr) = padding
   batch, out_h, out_w, _ = grad.shape
-  if (sh, sw) == (1, 1) and features < channels:
+  if (sh, sw) == (1, 1) and features <= channels:
     # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
     ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
     grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))

@@ -325,7 +325,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
   abstract_state = jax.eval_shape(make_state, abstract_variables, state_rng)
   shardings = parallel.state_sharding(abstract_state, mesh)
   step_fn = parallel.jit_step(steps_lib.make_step(config, models, abstract_state), mesh,
-                              shardings)
+                              shardings, steps_lib.compiler_options(config))
 
   checkpoints = checkpoint_lib.TrainingCheckpoints(workdir / CHECKPOINTS_DIR,
                                                    keep=solver.keep_checkpoints)

@@ -13,7 +13,7 @@ the devices; stages 1 and 3 take `batch_size` labelled images. Each process feed
 its local share (`local_batch_sizes`), which `shard_batch` assembles into global arrays.
 """
 
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Optional
 
 import jax
 import numpy as np
@@ -89,13 +89,15 @@ def shard_batch(local_batch: Mapping[str, Any], mesh: Mesh) -> dict:
   return out
 
 
-def jit_step(step_fn: Callable, mesh: Mesh, state_shardings: Any) -> Callable:
+def jit_step(step_fn: Callable, mesh: Mesh, state_shardings: Any,
+             compiler_options: Optional[dict] = None) -> Callable:
   """`step_fn(state, batch) -> (state, metrics)` compiled for the mesh.
 
   State in and out with `state_shardings` (donated: updated in place), the batch split
-  along 'data', metrics replicated (every process can read them).
+  along 'data', metrics replicated (every process can read them). `compiler_options`:
+  XLA options, e.g. `steps.compiler_options(config)`.
   """
   return jax.jit(step_fn,
                  in_shardings=(state_shardings, batch_sharding(mesh)),
                  out_shardings=(state_shardings, replicated_sharding(mesh)),
-                 donate_argnums=(0,))
+                 donate_argnums=(0,), compiler_options=compiler_options or None)

@@ -190,6 +190,12 @@ def make_step(config, models, state: state_lib.TrainState,
   return step_fn
 
 
+def compiler_options(config, matmul_convs: Optional[bool] = None) -> dict:
+  """XLA options for the step of `make_step(config, ..., matmul_convs)`, for
+  `parallel.jit_step` (models/conv_dispatch.py: CPU fusion options; none on GPUs)."""
+  return conv_dispatch.compiler_options(conv_dispatch.enabled_for(config, matmul_convs))
+
+
 def batch_keys(stage: str) -> Tuple[str, ...]:
   """The arrays a batch of `stage` must hold."""
   if stage == 'adversarial':
