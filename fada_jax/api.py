@@ -95,7 +95,7 @@ class Model:
     batch = [check_image(np.asarray(image), index) for index, image in enumerate(batch)]
     outputs: list[Any] = [None] * len(batch)
     for out_hw, indices in group_by_size(batch).items():
-      for chunk in chunks(indices, batch_rows(self.config, self.predictor)):
+      for chunk in chunks(indices, self.predictor.rows_per_call()):
         network_input = np.stack([self.network_input(batch[i]) for i in chunk])
         result = self.predictor.fetch(self.predictor.dispatch_predict(
             self.variables, network_input, out_hw, probabilities=probabilities), len(chunk))
@@ -126,12 +126,6 @@ def group_by_size(images: Sequence[np.ndarray]) -> dict[tuple[int, int], list[in
   for index, image in enumerate(images):
     groups.setdefault(tuple(int(v) for v in image.shape[:2]), []).append(index)
   return groups
-
-
-def batch_rows(config, predictor: Predictor) -> int:
-  """Images per compiled call: config.eval.batch_size, rounded up to the local devices."""
-  multiple = predictor.local_batch_multiple()
-  return -(-max(1, int(config.eval.batch_size)) // multiple) * multiple
 
 
 def chunks(items: Sequence, size: int):

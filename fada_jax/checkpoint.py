@@ -64,11 +64,24 @@ def write_json_atomic(path: pathlib.Path, obj: Any) -> None:
 
 def write_text_atomic(path: pathlib.Path, text: str) -> None:
   """Writes `text` to `path` via a temporary file and rename (never a half-written file)."""
+  write_bytes_atomic(path, text.encode())
+
+
+# The process's umask, read once (setting it to read it is not thread-safe): files written
+# through mkstemp (mode 0600) get the mode an ordinary open() would give them.
+_UMASK = os.umask(0o022)
+os.umask(_UMASK)
+
+
+def write_bytes_atomic(path: pathlib.Path, data: bytes) -> None:
+  """Writes `data` to `path` via a temporary file and rename (never a half-written file),
+  with the mode the umask gives a new file."""
   path = pathlib.Path(path)
   fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
   try:
-    with os.fdopen(fd, 'w') as f:
-      f.write(text)
+    with os.fdopen(fd, 'wb') as f:
+      f.write(data)
+    os.chmod(tmp, 0o666 & ~_UMASK)
     os.replace(tmp, path)
   except BaseException:
     if os.path.exists(tmp):

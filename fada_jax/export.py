@@ -35,6 +35,7 @@ import jax
 import numpy as np
 
 from fada_jax import api
+from fada_jax import checkpoint as checkpoint_lib
 from fada_jax.data import labels as labels_lib
 from fada_jax.errors import UserError
 
@@ -80,10 +81,10 @@ def write_export(exported: jax.export.Exported, model: api.Model, output: str | 
   """FILE (the serialized function) and FILE.json (what it expects and returns)."""
   output = pathlib.Path(output)
   output.parent.mkdir(parents=True, exist_ok=True)
-  _write_atomic(output, bytes(exported.serialize()))
+  checkpoint_lib.write_bytes_atomic(output, bytes(exported.serialize()))
   width, height = (None, None) if size == SYMBOLIC else (
       int(v) for v in (size or model.test_size))
-  _write_atomic(output.with_name(output.name + ".json"), json.dumps({
+  checkpoint_lib.write_bytes_atomic(output.with_name(output.name + ".json"), json.dumps({
       "input": "uint8 RGB [N, height, width, 3] (resize with bicubic to this size first)",
       "output": "uint8 train ids [N, height, width]",
       "height": height, "width": width,
@@ -95,13 +96,6 @@ def write_export(exported: jax.export.Exported, model: api.Model, output: str | 
       "checkpoint": str(model.checkpoint), "arch": str(model.config.model.arch),
   }, indent=2).encode())
   return output
-
-
-def _write_atomic(path: pathlib.Path, data: bytes) -> None:
-  """Through a temporary file and a rename (never half a file), with the umask's mode."""
-  temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  temporary.write_bytes(data)
-  os.replace(temporary, path)
 
 
 def parse_size(text: str | None):

@@ -310,6 +310,11 @@ class Predictor:
     """This process's batch must be a multiple of its device count."""
     return max(1, len(self.mesh.local_devices))
 
+  def rows_per_call(self) -> int:
+    """Images per compiled call: config.eval.batch_size, rounded up to the local devices."""
+    multiple = self.local_batch_multiple()
+    return -(-max(1, int(self.config.eval.batch_size)) // multiple) * multiple
+
   def global_batch(self, local: np.ndarray | jax.Array) -> jax.Array:
     """A process-local batch -> the global array sharded over 'data'."""
     if isinstance(local, jax.Array) and local.sharding == self.batch_sharded:

@@ -279,8 +279,7 @@ def run_predict(config, checkpoint: str | os.PathLike, input_spec: str,
   predictor = predictor_for(config)
   variables, _ = load_checkpoint_for_eval(config, checkpoint, predictor)
   num_classes = predictor.num_classes
-  multiple = predictor.local_batch_multiple()
-  rows = -(-max(1, int(config.eval.batch_size)) // multiple) * multiple
+  rows = predictor.rows_per_call()
   root.mkdir(parents=True, exist_ok=True)
 
   counts: dict[str, np.ndarray] = {}
