@@ -140,14 +140,8 @@ class ResizeTransform:
   jitter_first: bool = True
 
   def __call__(self, example, rng: np.random.Generator):
-    if self.jitter_first and any(self.color_jitter):
-      image = transforms.color_jitter(example["image"], self.color_jitter, rng)
-      image = transforms.resize_image(image, self.size)
-    else:
-      image = transforms.resize_and_jitter(example["image"], self.size, self.color_jitter,
-                                           rng)
-    label = transforms.resize_label(example["label"], self.size)
-    return image, label
+    image = self.image_only(example["image"], rng)
+    return image, transforms.resize_label(example["label"], self.size)
 
   def image_only(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """The image __call__ would give (same draws), for streams whose labels go unused."""
