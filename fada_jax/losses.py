@@ -9,6 +9,7 @@ import jax
 import jax.numpy as jnp
 
 from fada_jax.constants import IGNORE_LABEL
+from fada_jax.models import conv_dispatch
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array,
@@ -45,7 +46,7 @@ def soft_cross_entropy(logits: jax.Array, soft_labels: jax.Array) -> jax.Array:
     soft_labels: [N, H, W, C] targets; not renormalised (FADA clips them at 0.9).
   """
   log_probs = jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1)
-  per_pixel = jnp.sum(-soft_labels.astype(jnp.float32) * log_probs, axis=-1)
+  per_pixel = conv_dispatch.last_axis_sum(-soft_labels.astype(jnp.float32) * log_probs)
   return jnp.mean(per_pixel)
 
 

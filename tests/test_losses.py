@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from fada_jax import losses
+from fada_jax.models import conv_dispatch
 
 
 def _nchw(x: np.ndarray) -> torch.Tensor:
@@ -55,6 +56,33 @@ def test_soft_cross_entropy_matches_release_formula():
   expected = torch.mean(torch.sum(-_nchw(soft) * F.log_softmax(_nchw(logits), dim=1), dim=1))
   got = losses.soft_cross_entropy(jnp.asarray(logits), jnp.asarray(soft))
   np.testing.assert_allclose(float(got), float(expected), rtol=1e-6)
+
+
+@pytest.mark.parametrize("matmul_convs", [False, True])
+def test_soft_cross_entropy_value_gradient_and_form_follow_the_dispatcher(matmul_convs):
+  # With the CPU product forms on, the class sum is a product with ones (XLA:CPU's
+  # reduce-window of a full multiply-and-sum is slow); without them, a plain sum.
+  rng = np.random.default_rng(4)
+  logits = rng.standard_normal((1, 5, 7, 38)).astype(np.float32) * 3
+  soft = np.minimum(rng.dirichlet(np.ones(19), (1, 5, 7)), 0.9).astype(np.float32)
+  soft = np.concatenate([soft, np.zeros_like(soft)], axis=-1)
+  torch_logits = torch.tensor(_nchw(logits).numpy(), dtype=torch.float64, requires_grad=True)
+  expected = torch.mean(torch.sum(-_nchw(soft).double() * F.log_softmax(torch_logits, dim=1),
+                                  dim=1))
+  expected.backward()
+
+  def loss(x):
+    with conv_dispatch.use_matmul_convs(matmul_convs):
+      return losses.soft_cross_entropy(x, jnp.asarray(soft))
+
+  value, grad = jax.value_and_grad(loss)(jnp.asarray(logits))
+  np.testing.assert_allclose(float(value), float(expected.detach()), rtol=1e-6)
+  # Per-element bound: float32 rounding of softmax terms, scaled by the largest gradient.
+  expected_grad = torch_logits.grad.permute(0, 2, 3, 1).numpy()
+  np.testing.assert_allclose(np.asarray(grad), expected_grad,
+                             atol=1e-6 * np.abs(expected_grad).max(), rtol=0)
+  jaxpr = str(jax.make_jaxpr(loss)(jnp.asarray(logits)))
+  assert ("dot_general" in jaxpr) == matmul_convs
 
 
 def test_soft_labels_clip_without_renormalising_and_stop_gradient():
