@@ -46,7 +46,7 @@ def save_palette_png(path: str | os.PathLike, train_ids: np.ndarray, num_classes
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  _save_atomic(palette_image(train_ids, num_classes), path)
+  save_image_atomic(palette_image(train_ids, num_classes), path)
 
 
 def palette_image(train_ids: np.ndarray, num_classes: int) -> Image.Image:
@@ -60,12 +60,14 @@ def save_train_id_png(path: str | os.PathLike, train_ids: np.ndarray) -> None:
   """8-bit greyscale PNG of train ids."""
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  _save_atomic(Image.fromarray(np.asarray(train_ids, np.uint8), mode="L"), path)
+  save_image_atomic(Image.fromarray(np.asarray(train_ids, np.uint8), mode="L"), path)
 
 
-def _save_atomic(image: Image.Image, path: pathlib.Path) -> None:
+def save_image_atomic(image: Image.Image, path: pathlib.Path, image_format: str = "PNG",
+                      **options) -> None:
+  """`image.save(path, image_format, **options)` via a temporary file and rename."""
   temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  image.save(temporary, format="PNG")
+  image.save(temporary, format=image_format, **options)
   os.replace(temporary, path)
 
 

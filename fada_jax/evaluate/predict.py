@@ -221,9 +221,7 @@ def write_outputs(root: pathlib.Path, name: str, image: np.ndarray, train_ids: n
   overlay = Image.blend(Image.fromarray(image), colours, float(opacity))
   path = output_path(root, "overlay", name)
   path.parent.mkdir(parents=True, exist_ok=True)
-  temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-  overlay.save(temporary, format="JPEG", quality=_OVERLAY_QUALITY, subsampling=0)
-  os.replace(temporary, path)
+  outputs.save_image_atomic(overlay, path, "JPEG", quality=_OVERLAY_QUALITY, subsampling=0)
 
 
 def write_classes_csv(path: pathlib.Path, counts: dict[str, np.ndarray],
