@@ -583,9 +583,6 @@ def run_train(args: argparse.Namespace) -> dict[str, Any]:
 register_mode("train", _add_train_arguments, run_train)
 
 
-# ----------------------------------------------------------------------------- main
-
-
 # ----------------------------------------------------------------------------- predict
 
 
@@ -651,6 +648,9 @@ def run_predict(args: argparse.Namespace) -> dict[str, Any]:
 
 
 register_mode("predict", _add_predict_arguments, run_predict)
+
+
+# ----------------------------------------------------------------------------- main
 
 
 def main(argv: list[str] | None = None) -> int:
