@@ -8,6 +8,7 @@ function compiles once for the module.
 import json
 import signal
 import subprocess
+import sys
 import time
 
 import jax
@@ -191,3 +192,29 @@ def test_init_checkpoint_parts_follow_the_release(tmp_path, capsys):
 
   variables, printed = initial('', 'source_only')
   assert printed == ['initial variables: fresh feature_extractor, classifier']
+
+
+def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
+  """tensorboardX imports torch when it can; a training run's writer must not pay that."""
+  script = f'''
+import struct, sys
+from fada_jax.train import loop
+writer = loop.summary_writer(__import__("pathlib").Path({str(tmp_path)!r}))
+writer.add_scalar("train/loss_seg", 2.5, 7)
+writer.close()
+print("torch" in sys.modules)
+import torch  # still importable afterwards
+from tensorboardX.proto import event_pb2
+(path,) = __import__("pathlib").Path({str(tmp_path)!r}).glob("events.out.tfevents.*")
+data, values = path.read_bytes(), []
+while data:
+  (length,) = struct.unpack("<Q", data[:8])
+  event = event_pb2.Event.FromString(data[12:12 + length])
+  values += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
+  data = data[12 + length + 4:]
+print(values)
+'''
+  result = subprocess.run([sys.executable, '-c', script], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
+  assert result.returncode == 0, result.stderr[-3000:]
+  assert result.stdout.splitlines() == ['False', "[(7, 'train/loss_seg', 2.5)]"]

@@ -21,6 +21,7 @@ import json
 import math
 import os
 import pathlib
+import sys
 import time
 from typing import Any
 
@@ -138,6 +139,21 @@ def _restore_data_state(iterator, data: dict, step_dir: pathlib.Path) -> None:
 # Logging (process 0).
 
 
+def summary_writer(logdir: pathlib.Path):
+  """tensorboardX's SummaryWriter on `logdir`, imported without torch where torch is not
+  loaded yet: tensorboardX imports torch (1.5 s of every run's start) only to accept torch
+  tensors, and this writer is given floats."""
+  if 'torch' in sys.modules or 'tensorboardX' in sys.modules:
+    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  else:
+    sys.modules['torch'] = None  # `import torch` raises ImportError while this is here
+    try:
+      from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+    finally:
+      del sys.modules['torch']
+  return SummaryWriter(str(logdir))
+
+
 class _Logger:
   """metrics.jsonl, TensorBoard and the progress bar; silent on processes other than 0."""
 
@@ -161,8 +177,7 @@ class _Logger:
           continue  # a line cut short by a kill
       self._guard(lambda: checkpoint_lib.write_text_atomic(
           self._path, ''.join(f'{line}\n' for line in kept)))
-    from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
-    self._writer = SummaryWriter(str(workdir / 'tensorboard'))
+    self._writer = summary_writer(workdir / 'tensorboard')
     from tqdm import tqdm  # pylint: disable=g-import-not-at-top
     self._bar = tqdm(total=int(config.solver.stop_iter), initial=start_step,
                      desc=config.stage, unit='step', dynamic_ncols=True, smoothing=0.1)
