@@ -16,7 +16,7 @@ import textwrap
 
 import pytest
 
-from tiny_runs import REPO
+from tiny_runs import REPO, TEST_XLA_FLAGS
 
 SCRIPT = REPO / 'tools' / 'gpu_check.py'
 MISSING_ON_GPU_MACHINE = ('grain', 'ml_collections', 'tensorflow_datasets', 'array_record',
@@ -44,7 +44,8 @@ def gpu_like_env(tmp_path, cache_dir):
   (site / 'sitecustomize.py').write_text(_BLOCKER)
   env = dict(os.environ)
   env.update({'PYTHONPATH': os.pathsep.join([str(site), str(REPO)]),
-              'JAX_PLATFORMS': 'cpu', 'XLA_FLAGS': '',  # one device, like the one GPU
+              'JAX_PLATFORMS': 'cpu',
+              'XLA_FLAGS': TEST_XLA_FLAGS,  # one device, like the one GPU
               'JAX_COMPILATION_CACHE_DIR': str(cache_dir)})
   env.pop('OUT', None)
   # The blocker must work, or the tests below would pass vacuously.

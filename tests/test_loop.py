@@ -30,11 +30,16 @@ def _run(command, env, timeout=300):
                         timeout=timeout)
 
 
+# The killed run stops at its first checkpoint (step 2), with 8 steps and an evaluation
+# still to go.
+STOP = 10
+
+
 def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   """Kill -9 a run after its first checkpoint; the restarted run ends bit for bit where
   an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
   env = environment(cache_dir)
-  overrides = {'solver.stop_iter': 24, 'solver.checkpoint_every': 2,
+  overrides = {'solver.stop_iter': STOP, 'solver.checkpoint_every': 2,
                'solver.keep_checkpoints': 2, 'eval.save_predictions': True}
   straight = tmp_path / 'straight'
   result = _run(main_command('configs/demo.py', straight, overrides), env)
@@ -49,9 +54,9 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
     time.sleep(0.02)
   process.send_signal(signal.SIGKILL)
   assert process.wait(timeout=60) == -signal.SIGKILL, 'the run ended before it was killed'
-  assert not (killed / 'checkpoints' / '24').exists()
+  assert not (killed / 'checkpoints' / str(STOP)).exists()
   # What a kill during a save leaves behind: orbax's temporary folder. Never read.
-  junk = killed / 'checkpoints' / '26.orbax-checkpoint-tmp-1234'
+  junk = killed / 'checkpoints' / f'{STOP + 2}.orbax-checkpoint-tmp-1234'
   (junk / 'variables').mkdir(parents=True)
   (junk / 'variables' / 'garbage').write_text('half written')
 
@@ -59,29 +64,29 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stderr + result.stdout
 
-  expected = checkpoint_arrays(straight / 'checkpoints' / '24')
-  actual = checkpoint_arrays(killed / 'checkpoints' / '24')
+  expected = checkpoint_arrays(straight / 'checkpoints' / str(STOP))
+  actual = checkpoint_arrays(killed / 'checkpoints' / str(STOP))
   assert expected.keys() == actual.keys()
   differing = [k for k in expected if not np.array_equal(expected[k], actual[k])]
   assert not differing, f'{len(differing)} arrays differ, e.g. {differing[:3]}'
-  assert int(expected["['train']['step']"]) == 24
+  assert int(expected["['train']['step']"]) == STOP
 
   # Old checkpoints are pruned to keep_checkpoints; the final one reads as a model.
   steps = sorted(int(p.name) for p in (killed / 'checkpoints').iterdir() if p.name.isdigit())
-  assert steps == [22, 24]
-  variables, meta = checkpoint_lib.load_model(killed / 'checkpoints' / '24')
-  assert meta['format'] == checkpoint_lib.TRAIN_FORMAT and meta['step'] == 24
+  assert steps == [STOP - 2, STOP]
+  variables, meta = checkpoint_lib.load_model(killed / 'checkpoints' / str(STOP))
+  assert meta['format'] == checkpoint_lib.TRAIN_FORMAT and meta['step'] == STOP
   assert sorted(variables) == ['classifier', 'discriminator', 'feature_extractor']
 
   # The resumed run's log has every logged step exactly once, in order.
   records = [json.loads(line) for line in (killed / 'metrics.jsonl').read_text().splitlines()]
-  assert [r['step'] for r in records] == list(range(2, 25, 2))
+  assert [r['step'] for r in records] == list(range(2, STOP + 1, 2))
   for key in ('loss_seg', 'loss_adv_tgt', 'loss_D', 'loss_D_src', 'loss_D_tgt', 'lr'):
     assert np.isfinite(records[-1][key]), key
   assert 'images_per_second' in records[-1] and 'step_time' in records[-1]
   # The final evaluation is of the final checkpoint: the mIoU of the masks it wrote.
   eval_metrics = json.loads((killed / 'eval' / 'metrics.json').read_text())
-  assert eval_metrics['checkpoint'] == str(killed / 'checkpoints' / '24')
+  assert eval_metrics['checkpoint'] == str(killed / 'checkpoints' / str(STOP))
   assert eval_metrics['miou'] == pytest.approx(
       synthetic_target_val_miou(killed / 'eval' / 'predictions'), abs=1e-9)
 

@@ -13,6 +13,8 @@ import jax
 import numpy as np
 import orbax.checkpoint as ocp
 
+from conftest import TEST_XLA_FLAGS
+
 REPO = pathlib.Path(__file__).resolve().parent.parent
 
 TINY = {
@@ -48,7 +50,7 @@ def config_flag(name, value) -> str:
 def environment(cache_dir, devices: int = 4) -> dict:
   env = dict(os.environ)
   env.update({
-      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices}',
+      'XLA_FLAGS': f'--xla_force_host_platform_device_count={devices} {TEST_XLA_FLAGS}',
       'JAX_PLATFORMS': 'cpu',
       'JAX_COMPILATION_CACHE_DIR': str(cache_dir),
       'JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS': '0',
