@@ -1,4 +1,5 @@
-"""The training loop: exact resume after SIGKILL, divergence handling, initialisation.
+"""The training loop: exact resume after SIGKILL or from the newest intact checkpoint,
+divergence handling, initialisation.
 
 Training runs go through `python -m fada_jax.main` in subprocesses (4 simulated CPU
 devices, the tiny demo network), sharing a persistent compilation cache, so each step
@@ -6,6 +7,7 @@ function compiles once for the module.
 """
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
@@ -21,7 +23,7 @@ from fada_jax import models as models_lib
 from fada_jax.errors import UserError
 from fada_jax.train import initialization, loop
 from tiny_runs import (REPO, TINY, checkpoint_arrays, environment, main_command, set_fields,
-                       synthetic_target_val_miou)
+                       synthetic_target_val_miou, truncate_arrays)
 
 
 
@@ -30,24 +32,32 @@ def _run(command, env, timeout=300):
                         timeout=timeout)
 
 
-# The killed run stops at its first checkpoint (step 2), with 8 steps and an evaluation
-# still to go.
+# Checkpoints every 2 steps, the last two kept. A run killed at its first checkpoint
+# (step 2) has 8 steps and an evaluation still to go.
 STOP = 10
+RESUME_OVERRIDES = {'solver.stop_iter': STOP, 'solver.checkpoint_every': 2,
+                    'solver.keep_checkpoints': 2, 'eval.save_predictions': True}
 
 
-def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
+@pytest.fixture(scope='module')
+def straight_run(tmp_path_factory, cache_dir):
+  """The workdir of an uninterrupted tiny stage-2 run to STOP, which the resumed runs of
+  this module must reproduce."""
+  workdir = tmp_path_factory.mktemp('straight')
+  result = _run(main_command('configs/demo.py', workdir, RESUME_OVERRIDES),
+                environment(cache_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  return workdir
+
+
+def test_resume_after_sigkill_is_bitwise_identical(straight_run, tmp_path, cache_dir):
   """Kill -9 a run after its first checkpoint; the restarted run ends bit for bit where
   an uninterrupted run ends (parameters, BN statistics, optimiser states, step, RNG)."""
   env = environment(cache_dir)
-  overrides = {'solver.stop_iter': STOP, 'solver.checkpoint_every': 2,
-               'solver.keep_checkpoints': 2, 'eval.save_predictions': True}
-  straight = tmp_path / 'straight'
-  result = _run(main_command('configs/demo.py', straight, overrides), env)
-  assert result.returncode == 0, result.stderr[-3000:]
-
   killed = tmp_path / 'killed'
-  process = subprocess.Popen(main_command('configs/demo.py', killed, overrides), cwd=REPO,
-                             env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+  process = subprocess.Popen(main_command('configs/demo.py', killed, RESUME_OVERRIDES),
+                             cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                             stderr=subprocess.DEVNULL)
   first = killed / 'checkpoints' / '2' / 'commit_success.txt'
   deadline = time.monotonic() + 300
   while not first.exists() and process.poll() is None and time.monotonic() < deadline:
@@ -60,11 +70,11 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   (junk / 'variables').mkdir(parents=True)
   (junk / 'variables' / 'garbage').write_text('half written')
 
-  result = _run(main_command('configs/demo.py', killed, overrides), env)
+  result = _run(main_command('configs/demo.py', killed, RESUME_OVERRIDES), env)
   assert result.returncode == 0, result.stderr[-3000:]
   assert 'resumed from' in result.stderr + result.stdout
 
-  expected = checkpoint_arrays(straight / 'checkpoints' / str(STOP))
+  expected = checkpoint_arrays(straight_run / 'checkpoints' / str(STOP))
   actual = checkpoint_arrays(killed / 'checkpoints' / str(STOP))
   assert expected.keys() == actual.keys()
   differing = [k for k in expected if not np.array_equal(expected[k], actual[k])]
@@ -89,6 +99,29 @@ def test_resume_after_sigkill_is_bitwise_identical(tmp_path, cache_dir):
   assert eval_metrics['checkpoint'] == str(killed / 'checkpoints' / str(STOP))
   assert eval_metrics['miou'] == pytest.approx(
       synthetic_target_val_miou(killed / 'eval' / 'predictions'), abs=1e-9)
+
+
+def test_a_run_resumes_from_the_newest_intact_checkpoint(straight_run, tmp_path, cache_dir):
+  """The newest checkpoint of a run is truncated on disk: the rerun says so, resumes from
+  the one before, and computes the damaged step again, bit for bit."""
+  workdir = tmp_path / 'run'
+  shutil.copytree(straight_run, workdir)
+  newest = workdir / 'checkpoints' / str(STOP)
+  expected = checkpoint_arrays(newest)
+  truncate_arrays(newest)
+
+  result = _run(main_command('configs/demo.py', workdir, RESUME_OVERRIDES),
+                environment(cache_dir))
+  assert result.returncode == 0, result.stderr[-3000:]
+  output = result.stdout + result.stderr
+  assert f'checkpoint {newest} is unreadable (' in output
+  assert f'passed over and kept as {newest}.unreadable' in output
+  assert f'resumed from {workdir}/checkpoints/{STOP - 2} (step {STOP - 2})' in output
+  assert 'Traceback' not in output and 'Event loop is closed' not in output
+  actual = checkpoint_arrays(newest)
+  assert expected.keys() == actual.keys()
+  assert all(np.array_equal(expected[k], actual[k]) for k in expected)
+  assert (workdir / 'checkpoints' / f'{STOP}.unreadable' / 'train').is_dir()
 
 
 def test_divergence_stops_with_the_step_and_keeps_the_last_good_checkpoint(tmp_path,
