@@ -14,10 +14,12 @@ from fada_jax.models import conv_dispatch
 DEPTH, WIDTH = 50, 4  # 3, 4, 6, 3 bottlenecks: every stage scans 2 or more blocks
 
 
+@functools.lru_cache(maxsize=None)
 def _variables(seed=0):
-  """Initialised variables with BN affine maps and running statistics away from 1 / 0."""
+  """Initialised variables with BN affine maps and running statistics away from 1 / 0.
+  (One initialiser program, compiled once: op by op, each initialiser compiles its own.)"""
   model = resnet.ResNetFeatureExtractor(depth=DEPTH, width=WIDTH)
-  variables = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
+  variables = jax.jit(model.init)(jax.random.PRNGKey(seed), jnp.zeros((1, 32, 32, 3)))
   rng = np.random.default_rng(seed)
 
   def randomize(path, leaf):
