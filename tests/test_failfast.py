@@ -25,7 +25,7 @@ from fada_jax.data import prepared
 from fada_jax.data import synthetic
 from fada_jax.errors import UserError
 from fada_jax.train import preflight
-from tiny_runs import REPO, environment, main_command, set_fields, truncate_arrays
+from tiny_runs import REPO, environment, set_fields, truncate_arrays
 
 TINY_FOLDER = {'model.arch': 'resnet18', 'model.width': 4, 'data.source_size': (32, 16),
                'data.target_size': (32, 16), 'data.test_size': (32, 16),
