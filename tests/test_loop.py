@@ -235,15 +235,16 @@ def test_init_checkpoint_parts_follow_the_release(tmp_path, capsys):
 def test_tensorboard_events_are_written_without_importing_torch(tmp_path):
   """tensorboardX imports torch when it can; a training run's writer must not pay that."""
   script = f'''
-import struct, sys
+import pathlib, struct, sys
 from fada_jax.train import loop
-writer = loop.summary_writer(__import__("pathlib").Path({str(tmp_path)!r}))
+writer = loop.summary_writer(pathlib.Path({str(tmp_path)!r}))
 writer.add_scalar("train/loss_seg", 2.5, 7)
 writer.close()
 print("torch" in sys.modules)
 import torch  # still importable afterwards
 from tensorboardX.proto import event_pb2
-(path,) = __import__("pathlib").Path({str(tmp_path)!r}).glob("events.out.tfevents.*")
+(path,) = pathlib.Path({str(tmp_path)!r}).glob("events.out.tfevents.*")
+# TFRecord framing: 8-byte length, 4-byte CRC, the Event, 4-byte CRC.
 data, values = path.read_bytes(), []
 while data:
   (length,) = struct.unpack("<Q", data[:8])
