@@ -25,6 +25,7 @@ import os
 import pathlib
 import shutil
 import tempfile
+import time
 from typing import Any, Callable
 
 import jax
@@ -178,9 +179,22 @@ def save_model(path: str | os.PathLike, variables: Variables, meta: Meta,
     write_json_atomic(staging / META_FILE, meta)
     _publish_dir(staging, path)
   except BaseException:
-    shutil.rmtree(staging, ignore_errors=True)
+    _remove_abandoned(staging)
     raise
   return path
+
+
+def _remove_abandoned(staging: pathlib.Path, settle: float = 0.2, timeout: float = 5.0) -> None:
+  """Removes the staging folder of a failed save. When one array of a save fails, orbax
+  does not wait for the writes it already handed to tensorstore; they can land after a
+  first removal (2 failed saves in 30 here), so the folder is removed until it stays
+  gone for `settle` seconds."""
+  deadline = time.monotonic() + timeout
+  while True:
+    shutil.rmtree(staging, ignore_errors=True)
+    time.sleep(settle)
+    if not staging.exists() or time.monotonic() > deadline:
+      return
 
 
 # What orbax and tensorstore raise for damaged or missing files: tensorstore's errors
