@@ -9,6 +9,7 @@ of waiting for each other forever.
 import json
 import socket
 import subprocess
+import sys
 
 import jax
 import numpy as np
@@ -206,3 +207,55 @@ def test_a_single_process_needs_no_coordinator(monkeypatch):
   monkeypatch.setenv('SLURM_NTASKS', '2')
   distributed.initialize(None, None, None)
   assert len(calls) == 1
+
+
+_REPLICATE = """
+import sys
+
+import jax
+import numpy as np
+from jax.experimental import multihost_utils
+
+from fada_jax.errors import UserError
+from fada_jax.train import parallel
+
+port, index = sys.argv[1], int(sys.argv[2])
+jax.distributed.initialize(f'127.0.0.1:{port}', 2, index)
+
+
+def per_leaf_comparison(*args, **kwargs):
+  raise AssertionError('placing compared a leaf across processes')
+
+
+# jax.device_put's own check of multi-process values: one collective per leaf.
+multihost_utils.assert_equal = per_leaf_comparison
+mesh = parallel.make_mesh()
+tree = {'kernel': np.arange(12, dtype=np.float32).reshape(3, 4), 'count': np.int32(7)}
+placed = parallel.replicate(tree, mesh)
+for name, value in tree.items():
+  assert placed[name].sharding.is_fully_replicated and placed[name].shape == value.shape
+  for shard in placed[name].addressable_shards:
+    np.testing.assert_array_equal(np.asarray(shard.data), value)
+# Process 1 holds another value: both processes stop with the error.
+try:
+  parallel.replicate({'kernel': tree['kernel'] + index}, mesh, 'the test tree')
+except UserError as error:
+  print('error:', error)
+"""
+
+
+def test_replicated_placement_compares_processes_once_and_names_a_difference(tmp_path,
+                                                                            cache_dir):
+  script = tmp_path / 'replicate.py'
+  script.write_text(_REPLICATE)
+  port = _free_port()
+  processes = [subprocess.Popen([sys.executable, str(script), str(port), str(index)],
+                                cwd=REPO, env=environment(cache_dir, devices=2),
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+               for index in range(2)]
+  for index, process in enumerate(processes):
+    stdout, stderr = process.communicate(timeout=TIMEOUT_S)
+    assert process.returncode == 0, f'process {index}: {stderr[-3000:]}'
+    assert stdout.splitlines()[-1] == ('error: processes 0 and 1 hold different values of '
+                                       'the test tree; every process must load the same '
+                                       'files'), stdout

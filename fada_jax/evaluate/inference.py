@@ -41,6 +41,7 @@ from fada_jax.errors import UserError
 from fada_jax.evaluate.metrics import confusion_counts
 from fada_jax.models import conv_dispatch, layers
 from fada_jax.models import variables as variables_lib
+from fada_jax.train import parallel
 
 
 # Resolution of the confidence histogram of confidence-filtered pseudo labels.
@@ -182,7 +183,7 @@ class Predictor:
     if self.fold_batch_norm and used["feature_extractor"].get("batch_stats"):
       used["feature_extractor"] = fold_batch_norm(
           used["feature_extractor"], frozen=bool(self.config.model.get("freeze_bn", True)))
-    return jax.device_put(used, self.replicated)
+    return parallel.replicate(used, self.mesh)
 
   # -- compiled functions
 
@@ -303,8 +304,8 @@ class Predictor:
     """
     return self._pseudo_label_step(variables, self.global_batch(images),
                                    self.global_batch(labels), self.global_batch(valid),
-                                   jax.device_put(np.asarray(min_bin, np.int32),
-                                                  self.replicated))
+                                   parallel.replicate(np.asarray(min_bin, np.int32),
+                                                      self.mesh, 'the confidence thresholds'))
 
   def local_batch_multiple(self) -> int:
     """This process's batch must be a multiple of its device count."""

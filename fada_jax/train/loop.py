@@ -358,8 +358,9 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
       state = jax.jit(make_state, out_shardings=shardings)(variables, state_rng)
       del variables
     else:
-      state = jax.device_put(
-          _state_from_items(abstract_state, resumed.variables, resumed.train), shardings)
+      state = parallel.replicate(
+          _state_from_items(abstract_state, resumed.variables, resumed.train), mesh,
+          f'the train state of {checkpoints.step_dir(resumed.step)}')
       start_step = int(resumed.train['step'])
       if start_step != resumed.step:
         raise UserError(f'{checkpoints.step_dir(resumed.step)} holds step {start_step}, '
