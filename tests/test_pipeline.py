@@ -1,5 +1,6 @@
 """grain pipelines: shapes per stage, determinism across workers, resume, sharding, eval."""
 
+import multiprocessing
 import pathlib
 import shutil
 
@@ -268,6 +269,25 @@ def test_a_data_error_in_a_worker_process_is_the_same_one_line_error(data_root, 
       pass
   loader.close()
   assert "Traceback" not in capfd.readouterr().err  # workers print nothing of their own
+
+
+class _NumberedBatches:
+  """step -> a batch filled with the step (picklable, for worker processes)."""
+
+  def __call__(self, step):
+    return {"image": np.full((2, 4, 4, 3), step, np.uint8)}
+
+
+@pytest.mark.parametrize("steps, worker_processes", [(1, 0), (2, 1)])
+def test_workers_start_only_for_the_batches_after_the_first(steps, worker_processes):
+  """A worker's start-up (seconds of imports) buys nothing for one batch; a loader of N
+  batches starts at most N - 1 of its workers, with the same batches."""
+  loader = pipeline.BatchIterator(_NumberedBatches(), 0, workers=2, num_steps=steps)
+  batches = [next(loader)]
+  assert len(multiprocessing.active_children()) == worker_processes
+  batches.extend(loader)
+  loader.close()
+  assert [int(b["image"][0, 0, 0, 0]) for b in batches] == list(range(steps))
 
 
 _HOLD_BATCHES_IN_JAX_UNTIL_EXIT = """

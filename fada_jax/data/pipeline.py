@@ -311,6 +311,7 @@ class BatchIterator(Iterator):
     self._workers = int(workers)
     self._num_steps = int(num_steps)
     self._iterator = None
+    self._reading_workers = 0
     self._step = int(start_step)
     self._start(self._step)
 
@@ -319,7 +320,11 @@ class BatchIterator(Iterator):
     self._step = int(step)
     dataset = grain.MapDataset.range(self._step, max(self._step, self._num_steps))
     dataset = dataset.map(_ErrorAsValue(self._make_batch))
-    if self._workers > 0:
+    # A worker process repays its start-up (a second or two of imports) only over several
+    # batches: no more workers than batches after the first, which the in-process read
+    # gives as soon (a validation split of one batch reads in-process).
+    self._reading_workers = min(self._workers, max(0, self._num_steps - self._step - 1))
+    if self._reading_workers > 0:
       # grain's worker processes read its absl flags; outside an absl app (tests, notebooks,
       # tools) they are unparsed, so take their defaults.
       if not flags.FLAGS.is_parsed():
@@ -328,7 +333,8 @@ class BatchIterator(Iterator):
       dataset = dataset.to_iter_dataset(
           grain.ReadOptions(num_threads=1, prefetch_buffer_size=1))
       dataset = dataset.mp_prefetch(
-          grain.MultiprocessingOptions(num_workers=self._workers, per_worker_buffer_size=2))
+          grain.MultiprocessingOptions(num_workers=self._reading_workers,
+                                       per_worker_buffer_size=2))
     else:
       dataset = dataset.to_iter_dataset(
           grain.ReadOptions(num_threads=2, prefetch_buffer_size=2))
@@ -344,7 +350,7 @@ class BatchIterator(Iterator):
     if _ERROR_KEY in batch:
       raise UserError(batch[_ERROR_KEY])
     self._step += 1
-    if self._workers > 0:
+    if self._reading_workers > 0:
       batch = {key: _out_of_shared_memory(value) for key, value in batch.items()}
     return batch
 
