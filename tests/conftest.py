@@ -34,3 +34,20 @@ except ImportError:  # torch is only needed by the parity tests
 def cache_dir():
   """The compilation cache that subprocess runs share with this process."""
   return os.environ["JAX_COMPILATION_CACHE_DIR"]
+
+
+# The files that take longest first: the README's `-n 2 --dist loadfile` hands whole files
+# to the two workers in collection order (setup.cfg turns off xdist's reordering by test
+# count), first and third to one worker, second and fourth to the other, so both finish
+# together instead of one taking a long file last while the other waits. The training runs
+# in subprocesses (test_loop, then test_multihost, test_validation, ...) share compiled
+# programs through the persistent cache: they queue behind one another on one worker while
+# the other compiles ResNet-50s, rather than compiling the same programs at once.
+SLOW_FILES_FIRST = ('test_steps.py', 'test_loop.py', 'test_resnet_scan.py',
+                    'test_multihost.py', 'test_validation.py', 'test_pipeline_e2e.py',
+                    'test_gpu_check.py', 'test_evaluate.py', 'test_models.py', 'test_hlo.py')
+
+
+def pytest_collection_modifyitems(items):
+  rank = {name: i for i, name in enumerate(SLOW_FILES_FIRST)}
+  items.sort(key=lambda item: rank.get(item.path.name, len(rank)))
