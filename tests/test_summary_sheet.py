@@ -1,7 +1,6 @@
 """The summary sheet: one row per frame (image, ground truth, each model's prediction in
 the Cityscapes palette) and the mIoU table, written by --mode=eval and --mode=pipeline."""
 
-import pathlib
 
 import numpy as np
 import pytest

@@ -5,7 +5,6 @@ devices, the tiny demo network, the session's compilation cache).
 """
 
 import json
-import pathlib
 import subprocess
 import sys
 
