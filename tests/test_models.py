@@ -463,6 +463,16 @@ def test_build_and_init_variables():
   assert variables["discriminator"]["params"]["cls_target"]["kernel"].shape == (3, 3, 128, 7)
   assert variables["feature_extractor"]["params"]["layer3_0"]["downsample_conv"][
       "kernel"].shape == (1, 1, 16, 32)
+  # Some parts alone (what a run whose checkpoint fills the others initialises): the
+  # values they have in the full initialisation, the others not there.
+  for parts in (["classifier", "discriminator"], ["feature_extractor"]):
+    some = models.init_variables(built, jax.random.PRNGKey(0), config, parts=parts)
+    assert list(some) == parts
+    for part in parts:
+      assert jax.tree_util.tree_structure(some[part]) == jax.tree_util.tree_structure(
+          variables[part])
+      assert all(np.array_equal(a, b) for a, b in zip(
+          jax.tree_util.tree_leaves(some[part]), jax.tree_util.tree_leaves(variables[part])))
   assert models.feature_channels(config) == 64
   assert models.feature_channels(_config(arch="resnet101")) == 2048
   assert models.feature_channels(_config(arch="vgg16")) == 1024

@@ -1,5 +1,6 @@
 """The three FADA networks and their construction from a config."""
 
+from collections.abc import Sequence
 from typing import Any, Dict, NamedTuple, Optional
 
 import flax.linen as nn
@@ -72,10 +73,22 @@ def build(config, axis_name: Optional[str] = None) -> Models:
   return Models(feature_extractor, classifier, discriminator)
 
 
-def init_variables(models: Models, rng: jax.Array, config) -> Dict[str, Dict[str, Any]]:
+PARTS = ("feature_extractor", "classifier", "discriminator")
+
+
+def init_variables(models: Models, rng: jax.Array, config,
+                   parts: Sequence[str] = PARTS) -> Dict[str, Dict[str, Any]]:
   """Freshly initialised variables of the three networks:
   {'feature_extractor': {'params', 'batch_stats'}, 'classifier': {'params'},
-   'discriminator': {'params'}} (VGG's batch_stats is {})."""
+   'discriminator': {'params'}} (VGG's batch_stats is {}).
+
+  Only `parts` are initialised (and returned), each with the values it has in the full
+  initialisation: a run whose checkpoint fills the feature extractor neither compiles
+  nor runs its initialiser.
+  """
+  unknown = set(parts) - set(PARTS)
+  if unknown:
+    raise ValueError(f"unknown network parts {sorted(unknown)}; expected some of {PARTS}")
   channels = feature_channels(config)
   # axis_name only matters for trainable BN in train mode; init runs in eval mode.
   feature_extractor = models.feature_extractor
@@ -83,24 +96,29 @@ def init_variables(models: Models, rng: jax.Array, config) -> Dict[str, Dict[str
     feature_extractor = feature_extractor.clone(axis_name=None)
   images = jnp.zeros((1, *_INIT_HW, 3), jnp.float32)
   features = jnp.zeros((1, 9, 9, channels), jnp.float32)
+  initialisers = {
+      "feature_extractor": lambda r: feature_extractor.init(r, images, train=False),
+      "classifier": lambda r: models.classifier.init(r, features),
+      "discriminator": lambda r: models.discriminator.init(r, features),
+  }
+  wanted = tuple(part for part in PARTS if part in parts)
 
   @jax.jit
   def init_all(rng):
-    fe_rng, cls_rng, d_rng = jax.random.split(rng, 3)
-    return (feature_extractor.init(fe_rng, images, train=False),
-            models.classifier.init(cls_rng, features),
-            models.discriminator.init(d_rng, features))
+    # The same three-way split whichever parts are wanted: a part's values never depend
+    # on which others are initialised with it.
+    rngs = dict(zip(PARTS, jax.random.split(rng, len(PARTS))))
+    return {part: initialisers[part](rngs[part]) for part in wanted}
 
   # XLA:CPU compiles one threefry kernel per parameter, which takes minutes for a
   # ResNet; the 'rbg' generator (seeded deterministically from `rng`) compiles ~4x faster.
   rbg_rng = jax.random.wrap_key_data(jax.random.bits(rng, (4,), jnp.uint32), impl="rbg")
-  fe_vars, cls_vars, d_vars = init_all(rbg_rng)
-  return {
-      "feature_extractor": {"params": fe_vars["params"],
-                            "batch_stats": fe_vars.get("batch_stats", {})},
-      "classifier": {"params": cls_vars["params"]},
-      "discriminator": {"params": d_vars["params"]},
-  }
+  initialised = init_all(rbg_rng)
+  variables = {part: {"params": initialised[part]["params"]} for part in wanted}
+  if "feature_extractor" in variables:
+    variables["feature_extractor"]["batch_stats"] = initialised["feature_extractor"].get(
+        "batch_stats", {})
+  return variables
 
 
 __all__ = [
