@@ -154,7 +154,8 @@ def test_evaluation_folds_batch_norm_into_the_scanned_blocks():
   from fada_jax import config_lib, evaluate, models  # pylint: disable=g-import-not-at-top
   config = config_lib.make_config("g2c", "source_only", f"resnet{DEPTH}")
   config.model.width, config.model.num_classes, config.model.freeze_bn = WIDTH, 5, False
-  variables = models.init_variables(models.build(config), jax.random.PRNGKey(0), config)
+  variables = models.init_variables(models.build(config), jax.random.PRNGKey(0), config,
+                                    parts=["classifier"])
   variables["feature_extractor"] = _variables()
   plain = evaluate.Predictor(config, fold_batch_norm=False, convs_as_matmuls=False)
   config.model.remat = True
@@ -169,7 +170,7 @@ def test_evaluation_folds_batch_norm_into_the_scanned_blocks():
 def test_remat_steps_of_two_blocks_equal_unrolled_blocks(monkeypatch):
   # A bottleneck net whose layer3 has 4 blocks after its first: 2 scan steps of 2 blocks.
   monkeypatch.setitem(resnet.STAGES, 26, (True, (2, 2, 5, 2)))
-  variables = resnet.ResNetFeatureExtractor(depth=26, width=WIDTH).init(
+  variables = jax.jit(resnet.ResNetFeatureExtractor(depth=26, width=WIDTH).init)(
       jax.random.PRNGKey(5), jnp.zeros((1, 32, 32, 3)))
   variables["batch_stats"] = jax.tree_util.tree_map(
       lambda leaf: leaf + 0.3 * jnp.abs(jnp.sin(jnp.arange(leaf.size, dtype=jnp.float32))),
