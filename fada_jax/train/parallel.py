@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from fada_jax.constants import DATA_AXIS, make_mesh  # make_mesh: the training code's name
 from fada_jax.errors import UserError
+from fada_jax.train import distributed
 
 
 def replicated_sharding(mesh: Mesh) -> NamedSharding:
@@ -50,7 +51,6 @@ def replicate(tree: Any, mesh: Mesh, what: str = 'the variables') -> Any:
   """
   if jax.process_count() == 1:
     return jax.device_put(tree, state_sharding(tree, mesh))
-  from fada_jax.train import distributed  # pylint: disable=g-import-not-at-top
   leaves, treedef = jax.tree_util.tree_flatten(tree)
   leaves = [np.asarray(leaf) for leaf in leaves]
   leaves = [leaf.astype(jax.dtypes.canonicalize_dtype(leaf.dtype), copy=False)
