@@ -293,19 +293,25 @@ class Predictor:
 
   # -- host <-> mesh
 
-  def pseudo_label_step(self, variables, images, labels, valid, min_bin: np.ndarray):
+  def place_thresholds(self, min_bin: np.ndarray) -> jax.Array:
+    """[K] per-class confidence bins, replicated on the mesh for `pseudo_label_step`
+    (placed once per split: with several processes a placement compares them)."""
+    return parallel.replicate(np.asarray(min_bin, np.int32), self.mesh,
+                              "the confidence thresholds")
+
+  def pseudo_label_step(self, variables, images, labels, valid, min_bin: jax.Array):
     """The eval step for confidence-filtered pseudo labels: ([3, K] counts of the plain
     predictions, number of valid examples, predictions with the ignore label wherever
-    the pixel's confidence bin is below `min_bin[its class]`, [K, CONFIDENCE_BINS]
-    pixel counts of the valid examples by predicted class and confidence bin).
+    the pixel's confidence bin is below `min_bin[its class]` (`place_thresholds`),
+    [K, CONFIDENCE_BINS] pixel counts of the valid examples by predicted class and
+    confidence bin).
 
     A pixel's confidence is its highest class probability (softmax of the logits, or the
     averaged probabilities of flip / multi-scale); bin b holds [b, b + 1) / CONFIDENCE_BINS.
     """
     return self._pseudo_label_step(variables, self.global_batch(images),
                                    self.global_batch(labels), self.global_batch(valid),
-                                   parallel.replicate(np.asarray(min_bin, np.int32),
-                                                      self.mesh, 'the confidence thresholds'))
+                                   min_bin)
 
   def local_batch_multiple(self) -> int:
     """This process's batch must be a multiple of its device count."""

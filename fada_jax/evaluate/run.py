@@ -106,6 +106,8 @@ def run_split(predictor: Predictor, variables: dict, config, split: str, *,
   pending: list[tuple[Any, _Chunk]] = []
 
   histogram = None
+  thresholds = (None if min_confidence_bin is None
+                else predictor.place_thresholds(min_confidence_bin))
 
   def consume(step_outputs, chunk: _Chunk) -> None:
     nonlocal histogram
@@ -129,7 +131,7 @@ def run_split(predictor: Predictor, variables: dict, config, split: str, *,
                                              chunk.valid, with_predictions=with_predictions)
         else:
           step_outputs = predictor.pseudo_label_step(variables, chunk.images, chunk.labels,
-                                                     chunk.valid, min_confidence_bin)
+                                                     chunk.valid, thresholds)
         # Dispatch is asynchronous: fetch the previous step's results while this one runs.
         while pending:
           consume(*pending.pop(0))
