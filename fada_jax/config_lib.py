@@ -24,7 +24,7 @@ SHARED_FIELDS = (
     'model.arch', 'model.num_classes', 'model.dtype', 'model.remat', 'model.width',
     'model.matmul_convs',
     'data.root', 'data.format', 'data.workers', 'data.skip_corrupt', 'data.synthetic_size',
-    'eval.batch_size',
+    'data.resize_on_device', 'eval.batch_size',
 )
 
 _SOURCE = {'g2c': 'gta5', 's2c': 'synthia', 'demo': 'synthetic_source'}
@@ -133,6 +133,10 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   # The release jitters the full source frame before resizing it; False jitters after
   # the resize: equal up to rounding and much cheaper on large frames.
   config.data.jitter_first = True
+  # Stages 1-2: frames cross to the device at full size and are jittered and resized
+  # there (data/device_augment.py), the same pixels as PIL gives on the host; the reading
+  # processes then only decode. 'auto' = on for GPUs/TPUs, off for the CPU backend.
+  config.data.resize_on_device = 'auto'
   config.data.normalization = 'caffe' if arch == 'vgg16' else 'imagenet'
   config.data.pseudo_label_dir = ''
   config.data.workers = 0 if demo else 4
@@ -183,6 +187,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
   choices = {'task': TASKS, 'stage': STAGES, 'model.arch': ARCHS,
              'model.dtype': ('float32', 'bfloat16'), 'model.matmul_convs': ('auto', 'on', 'off'),
              'data.format': ('folder', 'array_record'),
+             'data.resize_on_device': ('auto', 'on', 'off'),
              'data.normalization': ('imagenet', 'caffe')}
   for field, allowed in choices.items():
     value = _get(config, field)

@@ -30,7 +30,11 @@ def _ids(seed, height, width):
 
 @pytest.fixture(scope="module")
 def data_root(tmp_path_factory):
-  root = tmp_path_factory.mktemp("data")
+  return write_data(tmp_path_factory.mktemp("data"))
+
+
+def write_data(root):
+  """Small GTA5 (one frame larger than the rest) and Cityscapes folders under root."""
   (root / "gta5" / "images").mkdir(parents=True)
   (root / "gta5" / "labels").mkdir(parents=True)
   for i in range(10):

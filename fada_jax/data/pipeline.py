@@ -18,6 +18,10 @@ the release), the target's batches {'image'} only (the step uses no target label
 is read); 'self_distill': the one labelled stream, the pseudo-labelled target named
 by config.data.source ('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole
 batch, under 'source'.
+
+With config.data.resize_on_device, stage 1-2 images come at full size on a canvas, with
+the plans (`pil_exact`, keys 'image:<name>') that `device_augment` turns into exactly the
+jittered, resized images on the device.
 """
 
 from __future__ import annotations
@@ -34,6 +38,7 @@ import numpy as np
 from absl import flags
 
 from fada_jax.constants import IGNORE_LABEL
+from fada_jax.data import pil_exact
 from fada_jax.data import sampling
 from fada_jax.data import sources as sources_lib
 from fada_jax.data import transforms
@@ -134,17 +139,26 @@ class ResizeTransform:
   `jitter_first` jitters the full frame before resizing, as the release does; jitter
   commutes with resizing up to rounding, so jittering the smaller frame is a cheaper
   near-equivalent (config.data.jitter_first=False).
+
+  With a `canvas` (width, height) the image is left to the device
+  (config.data.resize_on_device): it comes as a `pil_exact` plan, the full frame on the
+  canvas with the same jitter draw, which `device_augment` turns into the same pixels.
   """
   size: tuple[int, int]
   color_jitter: tuple[float, float, float, float]
   jitter_first: bool = True
+  canvas: tuple[int, int] | None = None
 
   def __call__(self, example, rng: np.random.Generator):
     image = self.image_only(example["image"], rng)
     return image, transforms.resize_label(example["label"], self.size)
 
-  def image_only(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+  def image_only(self, image: np.ndarray, rng: np.random.Generator):
     """The image __call__ would give (same draws), for streams whose labels go unused."""
+    if self.canvas is not None:
+      params = (transforms.sample_jitter(self.color_jitter, rng) if any(self.color_jitter)
+                else None)
+      return pil_exact.plan_example(image, self.size, self.canvas, params)
     if self.jitter_first and any(self.color_jitter):
       return transforms.resize_image(transforms.color_jitter(image, self.color_jitter, rng),
                                      self.size)
@@ -221,9 +235,15 @@ class BatchMaker:
 
   def __call__(self, step: int) -> dict[str, np.ndarray]:
     if not self.with_labels:
-      return {"image": np.stack([self.example(k) for k in self.positions(step)])}
+      return _stack_images([self.example(k) for k in self.positions(step)])
     images, labels = zip(*(self.example(k) for k in self.positions(step)))
-    return {"image": np.stack(images), "label": np.stack(labels)}
+    return {**_stack_images(images), "label": np.stack(labels)}
+
+
+def _stack_images(images: Sequence[Any]) -> dict[str, np.ndarray]:
+  if isinstance(images[0], dict):  # plans for the device
+    return pil_exact.stack_plans(list(images))
+  return {"image": np.stack(images)}
 
 
 # ----------------------------------------------------------------------------- iterators
@@ -396,6 +416,28 @@ def _jitter_first(config) -> bool:
   return bool(_data_field(config, "jitter_first", True))
 
 
+def resizes_on_device(config) -> bool:
+  """Whether config's stage 1-2 streams leave jittering and resizing to the device:
+  config.data.resize_on_device 'on', or 'auto' where JAX's backend is not the CPU (whose
+  cores the reading processes need)."""
+  if config.stage not in ("source_only", "adversarial"):
+    return False
+  mode = _data_field(config, "resize_on_device", "off")
+  if mode == "auto":
+    import jax  # pylint: disable=g-import-not-at-top  (the training process has it loaded)
+    return jax.default_backend() != "cpu"
+  return mode == "on"
+
+
+def _canvas(source, size: tuple[int, int]) -> tuple[int, int]:
+  """(width, height) of the canvas planned frames cross on: the first frame's size (a
+  dataset's frames mostly share one), at least the training size. Larger frames are
+  resized on the host and cross at the training size."""
+  read_image = getattr(source, "read_image", None)
+  first = read_image(0) if read_image else source[0]["image"]
+  return max(int(first.shape[1]), size[0]), max(int(first.shape[0]), size[1])
+
+
 def _class_presence(source, num_classes: int) -> np.ndarray:
   """bool [N, K] label-info table; sources that store or cache one provide it."""
   if hasattr(source, "class_presence"):
@@ -443,15 +485,19 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
         _jitter(config), _jitter_first(config))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
+  canvas = None
+  if (resizes_on_device(config) and (_jitter_first(config) or not any(jitter))
+      and getattr(source, "image_size", None) is None and len(source)):
+    canvas = _canvas(source, size)  # (a source prepared at `size` has nothing to resize)
   if stream == "source":
-    transform = ResizeTransform(size, jitter, _jitter_first(config))
+    transform = ResizeTransform(size, jitter, _jitter_first(config), canvas)
     total = int(config.solver.max_iter) * global_batch
     presence = _class_presence(source, int(config.model.num_classes))
     order = sampling.class_balanced_order(
         presence, sampling.num_class_balanced_draws(total), int(config.seed))
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count, order)
-  transform = ResizeTransform(size, jitter)
+  transform = ResizeTransform(size, jitter, canvas=canvas)
   return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                     process_index, process_count, with_labels=False)
 

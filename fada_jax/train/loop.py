@@ -98,11 +98,11 @@ class _StageBatches:
 
   def __next__(self) -> dict:
     if not self._adversarial:
-      batch = next(self._streams['source'])
-      return {'image': batch['image'], 'label': batch['label']}
+      return dict(next(self._streams['source']))
     source, target = next(self._streams['source']), next(self._streams['target'])
-    return {'source_image': source['image'], 'source_label': source['label'],
-            'target_image': target['image']}
+    # 'image', 'label' and any device plans ('image:<name>') of each stream, prefixed.
+    return {**{f'source_{key}': value for key, value in source.items()},
+            **{f'target_{key}': value for key, value in target.items()}}
 
   def get_state(self) -> dict:
     return {name: stream.get_state() for name, stream in self._streams.items()}
@@ -118,6 +118,20 @@ class _StageBatches:
   def close(self) -> None:
     for stream in self._streams.values():
       stream.close()
+
+
+def _batch_transfer(config, mesh):
+  """host batch -> the step's batch on the mesh. With config.data.resize_on_device the
+  full-size images are jittered and resized there, as their plans say; PIL's HSV tables
+  are placed first (replicated), here on the calling thread, for a multi-process
+  placement compares the processes' values with a collective."""
+  from fada_jax.data import pipeline as data_pipeline  # pylint: disable=g-import-not-at-top
+  if not data_pipeline.resizes_on_device(config):
+    return lambda batch: parallel.shard_batch(batch, mesh)
+  from fada_jax.data import device_augment, pil_exact  # pylint: disable=g-import-not-at-top
+  tables = parallel.replicate(pil_exact.hsv_tables(), mesh, "PIL's HSV tables")
+  finish = jax.jit(device_augment.finish_batch, out_shardings=parallel.batch_sharding(mesh))
+  return lambda batch: finish(parallel.shard_batch(batch, mesh), *tables)
 
 
 def _gather_data_states(iterator) -> dict:
@@ -391,7 +405,7 @@ def train(config, workdir: str | os.PathLike) -> pathlib.Path:
   pending = _PendingMetrics()
   # The next batches are read and put on the mesh while a step runs; checkpoints record
   # the consumed position (batches.get_state()), not the prefetched one.
-  batches = prefetch.Prefetcher(iterator, lambda b: parallel.shard_batch(b, mesh),
+  batches = prefetch.Prefetcher(iterator, _batch_transfer(config, mesh),
                                 depth=2, limit=stop_iter - start_step)
   window = []  # (step, metrics) since the last log
   window_start = None

@@ -1,0 +1,199 @@
+"""The host half of resizing and colour-jittering frames on the device, exactly as PIL does.
+
+A stage 1-2 frame can cross to the device whole, on a fixed-size uint8 canvas, with a
+small plan of what to do to it; `device_augment.apply_plans` then gives the pixels that
+the host path (`transforms.color_jitter`, then `transforms.resize_image`) gives, bit for
+bit, without its ~150 ms of PIL work per GTA5 frame in the reading process:
+- Brightness, contrast and saturation are PIL blends of two uint8 values with a float
+  factor (of 0, of the grey mean, of each pixel's grey value). A 256x256 table of PIL's
+  own `Image.blend` gives every such blend.
+- Hue goes through PIL's 8-bit HSV. Two tables over all 2^24 colours, made by PIL's own
+  conversions, give both directions.
+- The bicubic resize is PIL's two passes (horizontal first), each a sum of uint8 taps
+  times 22-bit fixed-point weights. The weights are computed here with the double
+  arithmetic of Pillow's Resample.c, in its order.
+
+Numpy and PIL only: this runs in the reading processes, which import no JAX.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import numpy as np
+from PIL import Image
+
+from fada_jax.data import transforms
+
+PRECISION_BITS = 22  # Pillow's fixed point for 8-bit resampling: 32 - 8 - 2
+BICUBIC_SUPPORT = 2.0
+# Blend kinds of a plan's slots; a slot of kind NONE leaves the image as it is.
+NONE, BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2, 3
+_KIND_OF_OP = {0: BRIGHTNESS, 1: CONTRAST, 2: SATURATION}  # JitterParams.order codes
+NO_HUE = -1
+# A planned batch holds each plan array next to its image key K, as 'K:name'.
+PLAN_SEPARATOR = ":"
+
+
+def plan_key(image_key: str, name: str) -> str:
+  return f"{image_key}{PLAN_SEPARATOR}{name}"
+
+
+def stack_plans(plans: list[dict[str, np.ndarray]], image_key: str = "image") -> dict:
+  """Per-example plans -> batch arrays: the canvases under image_key, the rest as
+  'image_key:name'."""
+  return {image_key if name == "image" else plan_key(image_key, name):
+          np.stack([plan[name] for plan in plans]) for name in plans[0]}
+
+
+def _bicubic(x: np.ndarray) -> np.ndarray:
+  # Pillow's bicubic_filter (a = -0.5), each expression in its order of operations.
+  a = -0.5
+  x = np.abs(x)
+  near = ((a + 2.0) * x - (a + 3.0)) * x * x + 1
+  far = (((x - 5) * x + 8) * x - 4) * a
+  return np.where(x < 1.0, near, np.where(x < 2.0, far, 0.0))
+
+
+def taps(in_size: int, out_size: int) -> int:
+  """The number of weights per output pixel PIL's bicubic resize uses (its ksize)."""
+  scale = max(float(in_size) / out_size, 1.0)
+  return int(np.ceil(BICUBIC_SUPPORT * scale)) * 2 + 1
+
+
+@functools.lru_cache(maxsize=32)
+def resize_weights(in_size: int, out_size: int, num_taps: int) -> tuple[np.ndarray, np.ndarray]:
+  """PIL's bicubic resampling of one axis, in_size -> out_size, as (index, weight).
+
+  Both int32 [out_size, num_taps]: output pixel i is
+  clip8((sum_t input[index[i, t]] * weight[i, t] + 2^21) >> 22). Taps past PIL's own
+  count have weight 0 (and a valid index). `num_taps` >= `taps(in_size, out_size)`.
+  """
+  needed = taps(in_size, out_size)
+  if num_taps < needed:
+    raise ValueError(f"resizing {in_size} -> {out_size} needs {needed} taps, got {num_taps}")
+  scale = float(in_size) / out_size
+  filterscale = max(scale, 1.0)
+  support = BICUBIC_SUPPORT * filterscale
+  inv_filterscale = 1.0 / filterscale
+  center = (np.arange(out_size) + 0.5) * scale
+  first = np.maximum((center - support + 0.5).astype(np.int64), 0)  # C's (int): toward 0
+  count = np.minimum((center + support + 0.5).astype(np.int64), in_size) - first
+  offsets = np.arange(num_taps)
+  used = offsets[None, :] < count[:, None]
+  position = first[:, None] + offsets[None, :]
+  weight = np.where(used, _bicubic((position - center[:, None] + 0.5) * inv_filterscale), 0.0)
+  total = np.zeros(out_size)
+  for t in range(num_taps):  # PIL sums left to right; numpy's sum would pair terms up
+    total = total + weight[:, t]
+  weight = np.where(total[:, None] != 0.0, weight / np.where(total == 0.0, 1.0, total)[:, None],
+                    weight)
+  scaled = weight * float(1 << PRECISION_BITS)
+  fixed = np.where(weight < 0, np.trunc(-0.5 + scaled), np.trunc(0.5 + scaled))
+  index = np.where(used, position, 0)
+  return index.astype(np.int32), fixed.astype(np.int32)
+
+
+@functools.lru_cache(maxsize=32)
+def identity_weights(size: int, num_taps: int) -> tuple[np.ndarray, np.ndarray]:
+  """(index, weight) that leave an axis of `size` pixels as it is."""
+  index = np.zeros((size, num_taps), np.int32)
+  index[:, 0] = np.arange(size)
+  weight = np.zeros((size, num_taps), np.int32)
+  weight[:, 0] = 1 << PRECISION_BITS
+  return index, weight
+
+
+_FIRST = np.repeat(np.arange(256, dtype=np.uint8), 256).reshape(256, 256)
+_SECOND = np.ascontiguousarray(_FIRST.T)
+
+
+def blend_table(factor: float) -> np.ndarray:
+  """uint8 [256, 256]: [a, b] = PIL's Image.blend of value a with value b at `factor`."""
+  return np.asarray(Image.blend(Image.fromarray(_FIRST), Image.fromarray(_SECOND),
+                                float(factor)))
+
+
+def _pack(pixels: np.ndarray) -> np.ndarray:
+  pixels = pixels.reshape(-1, 3).astype(np.int32)
+  return (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
+
+
+@functools.lru_cache(maxsize=1)
+def hsv_tables() -> tuple[np.ndarray, np.ndarray]:
+  """(RGB -> HSV, HSV -> RGB) of PIL's 8-bit conversions, int32 [2^24] each.
+
+  Index and value pack three channels as (c0 << 16) | (c1 << 8) | c2.
+  """
+  every = np.arange(1 << 24, dtype=np.uint32)
+  triples = np.stack([(every >> 16) & 255, (every >> 8) & 255, every & 255],
+                     axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
+  to_hsv = np.asarray(Image.fromarray(triples, "RGB").convert("HSV"))
+  to_rgb = np.asarray(Image.frombytes("HSV", (4096, 4096), triples.tobytes()).convert("RGB"))
+  return _pack(to_hsv), _pack(to_rgb)
+
+
+def jitter_plan(params: transforms.JitterParams | None) -> dict[str, np.ndarray]:
+  """A jitter draw as a plan: blend slots before the hue, the hue shift, slots after.
+
+  'blend_before' / 'blend_after' int32 [3] (kinds, NONE where unused), 'hue_shift' int32
+  (NO_HUE: no hue op), 'blend_tables' uint8 [3, 256, 256] (brightness, contrast,
+  saturation; the table of an unused op is never read).
+  """
+  before, after = [], []
+  tables = np.zeros((3, 256, 256), np.uint8)
+  hue_shift = NO_HUE
+  if params is not None:
+    factors = (params.brightness, params.contrast, params.saturation)
+    slots = before
+    for op in params.order:
+      if op == 3:
+        if params.hue is not None:
+          hue_shift = transforms.hue_shift_of(params.hue)
+          slots = after
+        continue
+      if factors[op] is not None:
+        slots.append(_KIND_OF_OP[op])
+        tables[op] = blend_table(factors[op])
+  pad = lambda kinds: np.array(kinds + [NONE] * (3 - len(kinds)), np.int32)
+  return {"blend_before": pad(before), "blend_after": pad(after),
+          "hue_shift": np.array(hue_shift, np.int32), "blend_tables": tables}
+
+
+def canvas_taps(canvas: tuple[int, int], size: tuple[int, int]) -> tuple[int, int]:
+  """(taps across, taps down) for frames up to `canvas` (width, height) resized to `size`."""
+  return taps(canvas[0], size[0]), taps(canvas[1], size[1])
+
+
+def plan_example(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, int],
+                 params: transforms.JitterParams | None) -> dict[str, np.ndarray]:
+  """One frame on the canvas with the plan that jitters (params, or None) and resizes it.
+
+  `canvas` and `size` are (width, height), canvas >= size. A frame larger than the canvas
+  is jittered and resized here (on the host, the same pixels) and crosses as the result,
+  with a plan that leaves it as it is.
+  """
+  canvas_width, canvas_height = canvas
+  width, height = size
+  taps_across, taps_down = canvas_taps(canvas, size)
+  frame_height, frame_width = image.shape[:2]
+  if frame_width > canvas_width or frame_height > canvas_height:
+    if params is not None:
+      image = transforms.apply_jitter(image, params)
+    image = transforms.resize_image(image, size)
+    params = None
+    frame_height, frame_width = height, width
+    columns, rows = identity_weights(width, taps_across), identity_weights(height, taps_down)
+  else:
+    columns = resize_weights(frame_width, width, taps_across)
+    rows = resize_weights(frame_height, height, taps_down)
+  if image.shape[:2] != (canvas_height, canvas_width):
+    placed = np.zeros((canvas_height, canvas_width, 3), np.uint8)
+    placed[:frame_height, :frame_width] = image
+    image = placed
+  plan = {"image": np.ascontiguousarray(image),
+          "frame_size": np.array([frame_height, frame_width], np.int32),
+          "columns": columns[0], "column_weights": columns[1],
+          "rows": rows[0], "row_weights": rows[1]}
+  plan.update(jitter_plan(params))
+  return plan
