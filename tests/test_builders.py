@@ -1,5 +1,6 @@
 """TFDS preparation of small folders in each layout, read back through `prepared`."""
 
+import json
 import os
 import struct
 import subprocess
@@ -135,6 +136,18 @@ def test_gta5_prepared_with_worker_processes_matches_the_folder_source(data_root
   np.testing.assert_array_equal(source[2]["label"], labels_lib.label_lookup("gta5", 19)[ids])
   assert source[2]["image"].tobytes() == np.asarray(
       Image.open(data_root / "gta5" / "images" / "00002.png")).tobytes()
+
+
+def test_uncompressed_images_hold_the_same_pixels(data_root, tmp_path):
+  preparation.prepare("gta5", data_root, tmp_path, 19, workers=1, progress=False,
+                      uncompressed_images=True)
+  source = prepared.make_prepared_source("gta5", data_root, "train", 19, prepared_dir=tmp_path)
+  _check_against_folder(source, sources_lib.make_source("gta5", data_root, "train", 19), 3)
+  for i in range(len(source)):
+    stored = source.read_encoded(i)["image"]
+    assert stored.startswith(b"\x89PNG") and b"IDAT\x78\x01" in stored  # zlib level 0
+  metadata = json.loads((source.path / "metadata.json").read_text())
+  assert metadata["images"] == "uncompressed PNG"
 
 
 def test_synthia_16bit_labels(data_root, tmp_path):

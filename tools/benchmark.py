@@ -261,14 +261,23 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                       "DIR/prepared with --format=array_record)")
   parser.add_argument("--generate_frames", type=int, default=16,
                       help="frames per dataset written by --generate")
+  parser.add_argument("--uncompressed_images", action="store_true",
+                      help="with --generate and --format=array_record: prepare the frames "
+                      "as uncompressed PNGs (tools/prepare_data.py --uncompressed_images); "
+                      "give it a DIR of its own, as DIR/prepared keeps what it holds")
   parser.add_argument("--workers", type=int, default=0,
                       help="grain worker processes of each stream")
   parser.add_argument("--format", choices=("folder", "array_record"), default="folder")
   parser.add_argument("--jitter_after_resize", action="store_true",
                       help="jitter the resized frame (config.data.jitter_first=False)")
+  parser.add_argument("--resize_on_device", action="store_true",
+                      help="leave jitter and resizing to the device "
+                      "(config.data.resize_on_device='on'): the workers decode and plan; "
+                      "each stream also reports the device's seconds per batch")
 
 
-def generate_data(root: str, frames: int, array_record: bool, progress: bool = True) -> str:
+def generate_data(root: str, frames: int, array_record: bool, progress: bool = True,
+                  uncompressed_images: bool = False) -> str:
   """Real-size generated frames under `root` (folder layout; prepared if asked): the root."""
   from pathlib import Path  # pylint: disable=g-import-not-at-top
   from fada_jax.data import synthetic  # pylint: disable=g-import-not-at-top
@@ -287,9 +296,9 @@ def generate_data(root: str, frames: int, array_record: bool, progress: bool = T
     with contextlib.redirect_stdout(sys.stderr):
       for name in ("gta5", "cityscapes"):
         for size in (None, prepare.TRAINING_SIZES[name]):
-          preparation.prepare(name, root_path, root_path / "prepared", 19,
-                              workers=os.cpu_count() or 1, progress=progress,
-                              image_size=size)
+          preparation.prepare(name, root_path, root_path / "prepared",
+                              19, workers=os.cpu_count() or 1, progress=progress,
+                              image_size=size, uncompressed_images=uncompressed_images)
   return str(root_path)
 
 
@@ -306,6 +315,24 @@ def _stream_stats(first: dict, times: list[float], batch: int, workers: int,
           "images_per_second": round(batch * batches_per_second, 3),
           "images_per_second_per_worker": round(
               batch * batches_per_second / max(workers, 1), 3)}
+
+
+def _device_finish_stats(batch: dict, repeats: int = 3) -> dict[str, Any]:
+  """For a batch of plans (--resize_on_device): the device's median seconds to jitter and
+  resize it (after a compiling call), on JAX's default device, and the result's shape."""
+  from fada_jax.data import device_augment  # pylint: disable=g-import-not-at-top
+  if not device_augment.has_plans(batch):
+    return {}
+  import jax  # pylint: disable=g-import-not-at-top
+  from fada_jax.data import pil_exact  # pylint: disable=g-import-not-at-top
+  tables = [jax.device_put(t) for t in pil_exact.hsv_tables()]
+  placed = jax.device_put(dict(batch))
+  finish = jax.jit(device_augment.finish_batch)
+  shape = finish(placed, *tables)["image"].shape
+  seconds = time_steps(lambda: jax.block_until_ready(finish(placed, *tables)), repeats,
+                       warmup=0)
+  return {"device": str(jax.devices()[0].platform), "finished_shape": list(shape),
+          "device_seconds_per_batch": round(statistics.median(seconds), 4)}
 
 
 def _time_streams(iterators: dict[str, Any], steps: int, warmup: int
@@ -371,11 +398,13 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
   config.data.format = args.format
   config.data.workers = args.workers
   config.data.jitter_first = not args.jitter_after_resize
+  config.data.resize_on_device = "on" if args.resize_on_device else "off"
   config.solver.batch_size = 2 * args.batch  # each stream gets half
   iterators = {}
   try:
     config.data.root = (generate_data(args.generate, args.generate_frames,
-                                      args.format == "array_record")
+                                      args.format == "array_record",
+                                      uncompressed_images=args.uncompressed_images)
                         if args.generate else args.data_root)
     for stream in streams:
       iterators[stream] = (pipeline.source_loader if stream == "source"
@@ -392,11 +421,14 @@ def run_data(args: argparse.Namespace) -> dict[str, Any]:
   stats = {stream: _stream_stats(first, times, args.batch, args.workers,
                                  _prepared_size(iterators[stream]))
            for stream, (first, times) in timed.items()}
+  for stream, (first, _) in timed.items():
+    stats[stream].update(_device_finish_stats(first))
   # A step needs a batch of every stream: the input's step rate is the slowest stream's.
   steps_per_second = min(s["batches_per_second"] for s in stats.values())
   result = {"mode": "data", "dataset": args.dataset, "format": args.format,
             "generated": bool(args.generate), "workers": args.workers,
-            "batch": args.batch, "jitter_first": bool(config.data.jitter_first)}
+            "batch": args.batch, "jitter_first": bool(config.data.jitter_first),
+            "resize_on_device": args.resize_on_device}
   if len(stats) == 1:
     result.update(next(iter(stats.values())))
   else:

@@ -39,7 +39,8 @@ def _decode_label(data: bytes, name: str) -> np.ndarray:
 def _decode_image(data: bytes, name: str) -> np.ndarray:
   try:
     with Image.open(io.BytesIO(data)) as image:
-      return np.asarray(image.convert("RGB"))
+      # convert() copies even when the mode is already RGB: skip it then.
+      return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
   except (OSError, SyntaxError, ValueError) as error:
     raise sources_lib.CorruptFileError(f"corrupt stored image of {name}: {error}") from None
 

@@ -28,11 +28,12 @@ def image_size(path: str, data: bytes) -> tuple[int, int]:
     raise sources_lib.CorruptFileError(f"corrupt or truncated image file {path}: {error}") from None
 
 
-def encode_png(array: np.ndarray) -> bytes:
-  """A lossless PNG of uint8 [H, W] (grey) or [H, W, 3] (RGB)."""
+def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
+  """A lossless PNG of uint8 [H, W] (grey) or [H, W, 3] (RGB); zlib level 0 stores the
+  pixels uncompressed (larger, decoded several times faster)."""
   buffer = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(
-      buffer, format="PNG", compress_level=6)
+      buffer, format="PNG", compress_level=compress_level)
   return buffer.getvalue()
 
 
@@ -43,24 +44,28 @@ def present_classes(train_ids: np.ndarray, num_classes: int) -> np.ndarray:
 
 
 def encode_resized_example(source: sources_lib.FolderSource, index: int,
-                           size: tuple[int, int]) -> dict[str, Any]:
+                           size: tuple[int, int], uncompressed: bool = False
+                           ) -> dict[str, Any]:
   """Frame `index` at a training size (width, height): what the stages-1-2 transform
   makes of it before any colour jitter, bicubic image and nearest label (the same PIL
   calls), stored losslessly. `classes` are those of the full-size label, so the
   class-balanced sampler draws the same files as from the full-size dataset."""
   from fada_jax.data import transforms  # pylint: disable=g-import-not-at-top
   example = source[index]
-  return {"image": encode_png(transforms.resize_image(example["image"], size)),
+  level = 0 if uncompressed else 6
+  return {"image": encode_png(transforms.resize_image(example["image"], size), level),
           "label": encode_png(transforms.resize_label(example["label"], size)),
           "name": example["name"],
           "classes": present_classes(example["label"], source.num_classes)}
 
 
 def encode_example(source: sources_lib.FolderSource, index: int,
-                   size: tuple[int, int] | None = None) -> dict[str, Any]:
-  """The stored record of frame `index` of a folder source (at `size` if given)."""
+                   size: tuple[int, int] | None = None,
+                   uncompressed: bool = False) -> dict[str, Any]:
+  """The stored record of frame `index` of a folder source (at `size` if given): the
+  image file's own bytes, or with `uncompressed` its RGB pixels as an uncompressed PNG."""
   if size is not None:
-    return encode_resized_example(source, index, size)
+    return encode_resized_example(source, index, size, uncompressed)
   image_path = source.image_paths[index]
   try:
     with open(image_path, "rb") as f:
@@ -72,25 +77,28 @@ def encode_example(source: sources_lib.FolderSource, index: int,
   if train_ids.shape != (height, width):
     # As the folder source does: a few GTA5 labels differ in size from their image.
     train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
+  if uncompressed:
+    image_bytes = encode_png(sources_lib.read_image(image_path), compress_level=0)
   return {"image": image_bytes, "label": encode_png(train_ids), "name": source.names[index],
           "classes": present_classes(train_ids, source.num_classes)}
 
 
 _worker_source: sources_lib.FolderSource | None = None
 _worker_size: tuple[int, int] | None = None
+_worker_uncompressed = False
 
 
-def init_worker(source: sources_lib.FolderSource,
-                size: tuple[int, int] | None = None) -> None:
-  global _worker_source, _worker_size
-  _worker_source, _worker_size = source, size
+def init_worker(source: sources_lib.FolderSource, size: tuple[int, int] | None = None,
+                uncompressed: bool = False) -> None:
+  global _worker_source, _worker_size, _worker_uncompressed
+  _worker_source, _worker_size, _worker_uncompressed = source, size, uncompressed
 
 
 def encode_in_worker(args: tuple[int, bool]) -> tuple[int, dict[str, Any] | str]:
   """(index, record) or, for a corrupt frame when skipping those, (index, error message)."""
   index, skip_corrupt = args
   try:
-    return index, encode_example(_worker_source, index, _worker_size)
+    return index, encode_example(_worker_source, index, _worker_size, _worker_uncompressed)
   except sources_lib.CorruptFileError as error:
     if not skip_corrupt:
       raise

@@ -77,10 +77,12 @@ def prepare(name: str, data_root: str | os.PathLike, output_dir: str | os.PathLi
             num_classes: int, workers: int = 1,
             pseudo_label_dir: str | os.PathLike | None = None,
             skip_corrupt: bool = False, progress: bool = True,
-            image_size: tuple[int, int] | None = None) -> PrepareResult:
+            image_size: tuple[int, int] | None = None,
+            uncompressed_images: bool = False) -> PrepareResult:
   """Prepares `name` unless it is already complete; returns what was found or written.
 
-  With `image_size` (width, height), the train split at that training size instead."""
+  With `image_size` (width, height), the train split at that training size instead.
+  `uncompressed_images` stores the images as uncompressed PNGs (see prepare.py)."""
   if name != "cityscapes_pseudo":
     pseudo_label_dir = None  # Only the pseudo-labelled dataset reads that folder.
   output_dir = Path(output_dir).expanduser()
@@ -97,7 +99,7 @@ def prepare(name: str, data_root: str | os.PathLike, output_dir: str | os.PathLi
     _remove_leftovers(path.parent)
     builder = segmentation.make_builder(
         name, output_dir, num_classes, pseudo_label_dir, image_size, workers=workers,
-        skip_corrupt=skip_corrupt, progress=progress)
+        skip_corrupt=skip_corrupt, progress=progress, uncompressed_images=uncompressed_images)
     download_config = tfds.download.DownloadConfig(
         manual_dir=os.fspath(data_root),
         try_download_gcs=False,

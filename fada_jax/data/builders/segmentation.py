@@ -71,8 +71,9 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     return None
 
   def __init__(self, *, workers: int = 1, skip_corrupt: bool = False,
-               progress: bool = True, **kwargs):
+               progress: bool = True, uncompressed_images: bool = False, **kwargs):
     self._workers = max(1, int(workers))
+    self._uncompressed_images = bool(uncompressed_images)
     self._skip_corrupt = skip_corrupt
     self._progress = progress
     self.skipped: list[str] = []
@@ -98,6 +99,8 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     image_size = getattr(self.builder_config, "image_size", None)
     if image_size is not None:
       metadata["image_size"] = list(image_size)
+    metadata["images"] = ("uncompressed PNG" if self._uncompressed_images else
+                          "the image files' own bytes" if image_size is None else "PNG")
     generators = {}
     for split in layout.splits(self.name, image_size):
       source = sources_lib.make_source(self.name, root, split, self.builder_config.num_classes,
@@ -128,13 +131,13 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     with bar:
       image_size = getattr(self.builder_config, "image_size", None)
       if self._workers == 1:
-        encode.init_worker(source, image_size)
+        encode.init_worker(source, image_size, self._uncompressed_images)
         results = map(encode.encode_in_worker, tasks)
       else:
         # spawn: the parent may hold threads (JAX, TFDS) that make fork unsafe.
         context = multiprocessing.get_context("spawn")
         pool = context.Pool(min(self._workers, len(tasks)), initializer=encode.init_worker,
-                            initargs=(source, image_size))
+                            initargs=(source, image_size, self._uncompressed_images))
         results = pool.imap(encode.encode_in_worker, tasks, chunksize=4)
       try:
         for result in results:
