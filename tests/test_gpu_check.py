@@ -73,7 +73,7 @@ def _positive(line, *fields):
 def test_smoke_measures_everything_without_the_missing_packages(gpu_like_env, tmp_path):
   # Stage 1 and stage 2 in float32 run the same code as stage2_bfloat16 with other
   # tools/benchmark.py arguments (checked at paper size below): left out for time.
-  names = ['peak', 'stage2_bfloat16', 'parity_float32', 'eval']
+  names = ['peak', 'stage2_bfloat16', 'parity_float32', 'eval', 'input_on_device']
   result, lines = _run(gpu_like_env, tmp_path / 'out', f'--only={",".join(names)}')
   assert result.returncode == 0, result.stderr[-4000:]
   assert [line['measurement'] for line in lines] == names
@@ -107,6 +107,11 @@ def test_smoke_measures_everything_without_the_missing_packages(gpu_like_env, tm
   assert evaluation['mode'] == 'eval'
   _positive(evaluation, 'compile_seconds', 'images_per_second', 'flops_per_step')
   assert 'peak_gib' in evaluation
+
+  planned = by_name['input_on_device']
+  assert planned['matches_host'] is True and planned['images'] == 2
+  _positive(planned, 'bytes_per_batch', 'compile_seconds', 'batch_seconds_median',
+            'images_per_second')
 
   parity = by_name['parity_float32']
   assert parity['backends'] == ['cpu', 'cpu']
