@@ -114,9 +114,11 @@ def blend_table(factor: float) -> np.ndarray:
                                 float(factor)))
 
 
-def _pack(pixels: np.ndarray) -> np.ndarray:
-  pixels = pixels.reshape(-1, 3).astype(np.int32)
-  return (pixels[:, 0] << 16) | (pixels[:, 1] << 8) | pixels[:, 2]
+def _pack(data: bytes) -> np.ndarray:
+  """Raw 3-channel pixels -> int32 (c0 << 16) | (c1 << 8) | c2 (a big-endian word)."""
+  words = np.zeros((len(data) // 3, 4), np.uint8)
+  words[:, 1:] = np.frombuffer(data, np.uint8).reshape(-1, 3)
+  return words.view(">u4").reshape(-1).astype(np.int32)
 
 
 @functools.lru_cache(maxsize=1)
@@ -125,11 +127,11 @@ def hsv_tables() -> tuple[np.ndarray, np.ndarray]:
 
   Index and value pack three channels as (c0 << 16) | (c1 << 8) | c2.
   """
-  every = np.arange(1 << 24, dtype=np.uint32)
-  triples = np.stack([(every >> 16) & 255, (every >> 8) & 255, every & 255],
-                     axis=-1).astype(np.uint8).reshape(4096, 4096, 3)
-  to_hsv = np.asarray(Image.fromarray(triples, "RGB").convert("HSV"))
-  to_rgb = np.asarray(Image.frombytes("HSV", (4096, 4096), triples.tobytes()).convert("RGB"))
+  # Every colour once, in the order of its packed value: the low 3 bytes of 0 .. 2^24 - 1.
+  every = np.arange(1 << 24, dtype=">u4").view(np.uint8).reshape(-1, 4)[:, 1:]
+  triples = np.ascontiguousarray(every).reshape(4096, 4096, 3)
+  to_hsv = Image.fromarray(triples, "RGB").convert("HSV").tobytes()
+  to_rgb = Image.frombytes("HSV", (4096, 4096), triples.tobytes()).convert("RGB").tobytes()
   return _pack(to_hsv), _pack(to_rgb)
 
 
