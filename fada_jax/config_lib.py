@@ -133,9 +133,10 @@ def make_config(task: str, stage: str, arch: str | None = None) -> ml_collection
   # The release jitters the full source frame before resizing it; False jitters after
   # the resize: equal up to rounding and much cheaper on large frames.
   config.data.jitter_first = True
-  # Stages 1-2: frames cross to the device at full size and are jittered and resized
-  # there (data/device_augment.py), the same pixels as PIL gives on the host; the reading
-  # processes then only decode. 'auto' = on for GPUs/TPUs, off for the CPU backend.
+  # Training frames cross to the device at full size and are jittered and resized (stage
+  # 3: also flipped and cropped) there (data/device_augment.py), the same pixels as PIL
+  # gives on the host; the reading processes then mostly decode. 'auto' = on for
+  # GPUs/TPUs, off for the CPU backend.
   config.data.resize_on_device = 'auto'
   config.data.normalization = 'caffe' if arch == 'vgg16' else 'imagenet'
   config.data.pseudo_label_dir = ''

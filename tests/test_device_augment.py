@@ -1,6 +1,7 @@
 """Colour jitter and resizing on the device (config.data.resize_on_device): PIL's pixels,
 bit for bit, against the host transforms, per frame and through the training batches."""
 
+import dataclasses
 import functools
 
 import jax
@@ -9,6 +10,7 @@ import pytest
 
 from fada_jax.data import device_augment
 from fada_jax.data import pil_exact
+from fada_jax.data import pipeline
 from fada_jax.data import synthetic
 from fada_jax.data import transforms
 from fada_jax.train import loop
@@ -113,7 +115,7 @@ def _read_and_finish(config, mesh, steps):
   return host, [jax.device_get(transfer(batch)) for batch in host]
 
 
-@pytest.mark.parametrize("stage", ["adversarial", "source_only"])
+@pytest.mark.parametrize("stage", ["adversarial", "source_only", "self_distill"])
 def test_training_batches_are_the_host_batches(data_root, stage):
   # Two devices; stage 2's plans come through a reading process (grain's shared memory).
   mesh = parallel.make_mesh(jax.devices()[:2])
@@ -124,8 +126,47 @@ def test_training_batches_are_the_host_batches(data_root, stage):
   config.data.workers = 1 if stage == "adversarial" else 0
   host, got = _read_and_finish(config, mesh, steps=4)
   image_key = "source_image" if stage == "adversarial" else "image"
-  assert host[0][image_key].shape[1:] == (26, 48, 3)  # full frames on the canvas
+  frame = (32, 64) if stage == "self_distill" else (26, 48)  # Cityscapes / GTA5
+  assert host[0][image_key].shape[1:] == (*frame, 3)  # full frames on the canvas
   for want, have in zip(expected, got):
     assert set(have) == set(want)
     for key in want:
       np.testing.assert_array_equal(have[key], want[key], err_msg=key)
+
+
+def _scale_crop(transform, image, label, seed):
+  return transform({"image": image, "label": label}, np.random.default_rng(seed))
+
+
+# Frame (height, width), crop (w, h), scale range: crops inside the scaled frame, crops
+# of a frame scaled below the crop size (padding on one or both axes), enlarging.
+SCALE_CROP_CASES = [((72, 128), (64, 32), (0.5, 1.5)),
+                    ((72, 128), (96, 60), (0.5, 1.0)),
+                    ((40, 60), (48, 24), (1.2, 1.8))]
+
+
+@pytest.mark.parametrize("frame, crop, scale_range", SCALE_CROP_CASES)
+def test_stage3_plans_give_the_host_crops(frame, crop, scale_range):
+  host = pipeline.ScaleCropTransform(crop, scale_range, True, RELEASE_JITTER)
+  device = dataclasses.replace(host, canvas=(frame[1], frame[0]))
+  for seed in range(6):  # both flips among them
+    image, label = synthetic.render_frame("target", "train", seed, 0, (frame[1], frame[0]))
+    want_image, want_label = _scale_crop(host, image, label, seed)
+    plan, got_label = _scale_crop(device, image, label, seed)
+    canvases = plan.pop("image")[None]
+    got = np.asarray(_apply(canvases, {k: v[None] for k, v in plan.items()}, *_tables()))[0]
+    np.testing.assert_array_equal(got, want_image)
+    np.testing.assert_array_equal(got_label, want_label)
+
+
+def test_stage3_frames_beyond_the_canvas_or_its_taps_are_cropped_on_the_host():
+  host = pipeline.ScaleCropTransform((32, 16), (0.3, 0.305), True, RELEASE_JITTER)
+  device = dataclasses.replace(host, canvas=(64, 36))
+  # Larger than the canvas; 13 columns scaled to 3, more taps than 64 scaled to 19 need.
+  for size, seed in (((40, 80), 0), ((20, 13), 1)):
+    image, label = synthetic.render_frame("target", "train", seed, 0, (size[1], size[0]))
+    plan, _ = _scale_crop(device, image, label, seed)
+    assert plan["frame_size"].tolist() == [16, 32]  # the host's crop, left as it is
+    canvases = plan.pop("image")[None]
+    got = np.asarray(_apply(canvases, {k: v[None] for k, v in plan.items()}, *_tables()))[0]
+    np.testing.assert_array_equal(got, _scale_crop(host, image, label, seed)[0])

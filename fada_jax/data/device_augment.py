@@ -1,4 +1,5 @@
-"""The device half of stage 1-2 colour jitter and resizing: plans (`pil_exact`) applied.
+"""The device half of training-frame colour jitter, resizing and cropping: plans
+(`pil_exact`) applied.
 
 Integer arithmetic and table lookups only, so every backend gives PIL's pixels exactly
 (the tests compare with the host path bit for bit). A batch read with

@@ -1,9 +1,10 @@
 """The host half of resizing and colour-jittering frames on the device, exactly as PIL does.
 
-A stage 1-2 frame can cross to the device whole, on a fixed-size uint8 canvas, with a
+A training frame can cross to the device whole, on a fixed-size uint8 canvas, with a
 small plan of what to do to it; `device_augment.apply_plans` then gives the pixels that
-the host path (`transforms.color_jitter`, then `transforms.resize_image`) gives, bit for
-bit, without its ~150 ms of PIL work per GTA5 frame in the reading process:
+the host path gives (stages 1-2: `transforms.color_jitter`, then `resize_image`; stage 3:
+jitter, flip, random scale, padded random crop), bit for bit, without its ~150 ms of
+PIL work per GTA5 frame in the reading process:
 - Brightness, contrast and saturation are PIL blends of two uint8 values with a float
   factor (of 0, of the grey mean, of each pixel's grey value). A 256x256 table of PIL's
   own `Image.blend` gives every such blend.
@@ -11,7 +12,9 @@ bit, without its ~150 ms of PIL work per GTA5 frame in the reading process:
   conversions, give both directions.
 - The bicubic resize is PIL's two passes (horizontal first), each a sum of uint8 taps
   times 22-bit fixed-point weights. The weights are computed here with the double
-  arithmetic of Pillow's Resample.c, in its order.
+  arithmetic of Pillow's Resample.c, in its order. A crop keeps the rows and columns of
+  the resize it needs (padding gets no weight: 0, PIL's pad value), a flip reverses the
+  columns it reads.
 
 Numpy and PIL only: this runs in the reading processes, which import no JAX.
 """
@@ -167,31 +170,13 @@ def canvas_taps(canvas: tuple[int, int], size: tuple[int, int]) -> tuple[int, in
   return taps(canvas[0], size[0]), taps(canvas[1], size[1])
 
 
-def plan_example(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, int],
-                 params: transforms.JitterParams | None) -> dict[str, np.ndarray]:
-  """One frame on the canvas with the plan that jitters (params, or None) and resizes it.
-
-  `canvas` and `size` are (width, height), canvas >= size. A frame larger than the canvas
-  is jittered and resized here (on the host, the same pixels) and crosses as the result,
-  with a plan that leaves it as it is.
-  """
+def _plan(image: np.ndarray, canvas: tuple[int, int], frame_size: tuple[int, int],
+          columns, rows, params: transforms.JitterParams | None) -> dict[str, np.ndarray]:
   canvas_width, canvas_height = canvas
-  width, height = size
-  taps_across, taps_down = canvas_taps(canvas, size)
-  frame_height, frame_width = image.shape[:2]
-  if frame_width > canvas_width or frame_height > canvas_height:
-    if params is not None:
-      image = transforms.apply_jitter(image, params)
-    image = transforms.resize_image(image, size)
-    params = None
-    frame_height, frame_width = height, width
-    columns, rows = identity_weights(width, taps_across), identity_weights(height, taps_down)
-  else:
-    columns = resize_weights(frame_width, width, taps_across)
-    rows = resize_weights(frame_height, height, taps_down)
+  frame_height, frame_width = frame_size
   if image.shape[:2] != (canvas_height, canvas_width):
     placed = np.zeros((canvas_height, canvas_width, 3), np.uint8)
-    placed[:frame_height, :frame_width] = image
+    placed[:image.shape[0], :image.shape[1]] = image
     image = placed
   plan = {"image": np.ascontiguousarray(image),
           "frame_size": np.array([frame_height, frame_width], np.int32),
@@ -199,3 +184,78 @@ def plan_example(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, in
           "rows": rows[0], "row_weights": rows[1]}
   plan.update(jitter_plan(params))
   return plan
+
+
+def _as_is(image: np.ndarray, canvas: tuple[int, int], num_taps: tuple[int, int]):
+  """A plan that leaves an image (the host's result, at the output size) as it is."""
+  height, width = image.shape[:2]
+  return _plan(image, canvas, (height, width), identity_weights(width, num_taps[0]),
+               identity_weights(height, num_taps[1]), None)
+
+
+def _fits(image: np.ndarray, canvas: tuple[int, int], scaled: tuple[int, int],
+          num_taps: tuple[int, int]) -> bool:
+  height, width = image.shape[:2]
+  return (width <= canvas[0] and height <= canvas[1] and taps(width, scaled[0]) <= num_taps[0]
+          and taps(height, scaled[1]) <= num_taps[1])
+
+
+def plan_example(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, int],
+                 params: transforms.JitterParams | None) -> dict[str, np.ndarray]:
+  """Stages 1-2: one frame on the canvas with the plan that jitters (params, or None) and
+  resizes it to `size`, as `color_jitter` and `resize_image` do.
+
+  `canvas` and `size` are (width, height), canvas >= size. A frame larger than the canvas
+  is jittered and resized here (on the host, the same pixels) and crosses as the result,
+  with a plan that leaves it as it is.
+  """
+  num_taps = canvas_taps(canvas, size)
+  if not _fits(image, canvas, size, num_taps):
+    if params is not None:
+      image = transforms.apply_jitter(image, params)
+    return _as_is(transforms.resize_image(image, size), canvas, num_taps)
+  height, width = image.shape[:2]
+  return _plan(image, canvas, (height, width), resize_weights(width, size[0], num_taps[0]),
+               resize_weights(height, size[1], num_taps[1]), params)
+
+
+def _cropped(weights: tuple[np.ndarray, np.ndarray], start: int, count: int, size: int):
+  """Rows start .. start + count of a resize's (index, weight); rows outside 0 .. size
+  (the crop's padding) get no weight, which gives PIL's pad value 0."""
+  position = start + np.arange(count)
+  inside = (position >= 0) & (position < size)
+  row = np.clip(position, 0, size - 1)
+  return weights[0][row], np.where(inside[:, None], weights[1][row], 0).astype(np.int32)
+
+
+def plan_scale_crop(image: np.ndarray, canvas: tuple[int, int], crop_size: tuple[int, int],
+                    min_scale: float, params: transforms.JitterParams | None, flipped: bool,
+                    scaled: tuple[int, int], top: int, left: int) -> dict[str, np.ndarray]:
+  """Stage 3: the plan of the release's jitter, flip, random scale and padded random crop
+  (`ScaleCropTransform`), from its draws: the frame scaled to `scaled` (width, height),
+  padded as `pad_for_crop` pads, cropped at (top, left).
+
+  The crop's rows and columns are those rows and columns of PIL's resize (a flip reads
+  the frame's columns in reverse). A frame larger than the canvas, or scaled down by more
+  than the canvas at `min_scale` needs taps for, is done on the host.
+  """
+  crop_width, crop_height = crop_size
+  num_taps = (taps(canvas[0], max(1, int(canvas[0] * min_scale))),
+              taps(canvas[1], max(1, int(canvas[1] * min_scale))))
+  pad_x, pad_y = max(0, crop_width - scaled[0]), max(0, crop_height - scaled[1])
+  if not _fits(image, canvas, scaled, num_taps):
+    if params is not None:
+      image = transforms.apply_jitter(image, params)
+    if flipped:
+      image = image[:, ::-1]
+    image = transforms.resize_image(np.ascontiguousarray(image), scaled)
+    image = np.pad(image, ((pad_y, pad_y), (pad_x, pad_x), (0, 0)))
+    return _as_is(image[top:top + crop_height, left:left + crop_width], canvas, num_taps)
+  height, width = image.shape[:2]
+  columns = _cropped(resize_weights(width, scaled[0], num_taps[0]), left - pad_x, crop_width,
+                     scaled[0])
+  if flipped:
+    columns = (width - 1 - columns[0], columns[1])
+  rows = _cropped(resize_weights(height, scaled[1], num_taps[1]), top - pad_y, crop_height,
+                  scaled[1])
+  return _plan(image, canvas, (height, width), columns, rows, params)

@@ -19,7 +19,7 @@ is read); 'self_distill': the one labelled stream, the pseudo-labelled target na
 by config.data.source ('cityscapes_pseudo', 'synthetic_target_pseudo'), gets the whole
 batch, under 'source'.
 
-With config.data.resize_on_device, stage 1-2 images come at full size on a canvas, with
+With config.data.resize_on_device, training images come at full size on a canvas, with
 the plans (`pil_exact`, keys 'image:<name>') that `device_augment` turns into exactly the
 jittered, resized images on the device.
 """
@@ -167,15 +167,34 @@ class ResizeTransform:
 
 @dataclasses.dataclass(frozen=True)
 class ScaleCropTransform:
-  """Stage 3: random scale, crop (padding image 0 / label 255), flip, jitter."""
+  """Stage 3: random scale, crop (padding image 0 / label 255), flip, jitter.
+
+  With a `canvas` (and `jitter_first`) the image is left to the device, as a `pil_exact`
+  plan of the same draws (see ResizeTransform).
+  """
   crop_size: tuple[int, int]
   scale_range: tuple[float, float]
   flip: bool
   color_jitter: tuple[float, float, float, float]
   jitter_first: bool = True
+  canvas: tuple[int, int] | None = None
 
   def __call__(self, example, rng: np.random.Generator):
     image, label = example["image"], example["label"]
+    if self.canvas is not None:
+      # The draws of the release's order below, in its order.
+      params = (transforms.sample_jitter(self.color_jitter, rng) if any(self.color_jitter)
+                else None)
+      flipped = self.flip and transforms.draw_flip(rng)
+      scaled = transforms.draw_scaled_size(*image.shape[:2], self.scale_range, rng)
+      crop_width, crop_height = self.crop_size
+      top, left = transforms.draw_crop_offset(
+          scaled[1] + 2 * max(0, crop_height - scaled[1]),
+          scaled[0] + 2 * max(0, crop_width - scaled[0]), self.crop_size, rng)
+      plan = pil_exact.plan_scale_crop(image, self.canvas, self.crop_size,
+                                       self.scale_range[0], params, flipped, scaled, top, left)
+      return plan, transforms.scale_crop_label(label, flipped, scaled, self.crop_size, top,
+                                               left)
     if self.jitter_first:
       # The release's order: jitter the full frame, flip, scale, crop.
       image = transforms.color_jitter(image, self.color_jitter, rng)
@@ -417,11 +436,9 @@ def _jitter_first(config) -> bool:
 
 
 def resizes_on_device(config) -> bool:
-  """Whether config's stage 1-2 streams leave jittering and resizing to the device:
-  config.data.resize_on_device 'on', or 'auto' where JAX's backend is not the CPU (whose
-  cores the reading processes need)."""
-  if config.stage not in ("source_only", "adversarial"):
-    return False
+  """Whether config's training streams leave jittering, resizing (and stage 3's flip and
+  crop) to the device: config.data.resize_on_device 'on', or 'auto' where JAX's backend is
+  not the CPU (whose cores the reading processes need)."""
   mode = _data_field(config, "resize_on_device", "off")
   if mode == "auto":
     import jax  # pylint: disable=g-import-not-at-top  (the training process has it loaded)
@@ -479,10 +496,12 @@ def _make_stream(config, stream: str, global_batch: int, process_index: int,
   else:
     source = _training_source(config, stream)
   if config.stage == "self_distill":
+    crop_size = tuple(int(v) for v in config.data.crop_size)
+    canvas = (_canvas(source, crop_size)
+              if resizes_on_device(config) and _jitter_first(config) and len(source) else None)
     transform = ScaleCropTransform(
-        tuple(int(v) for v in config.data.crop_size),
-        tuple(float(v) for v in config.data.scale_range), bool(config.data.flip),
-        _jitter(config), _jitter_first(config))
+        crop_size, tuple(float(v) for v in config.data.scale_range), bool(config.data.flip),
+        _jitter(config), _jitter_first(config), canvas)
     return BatchMaker(source, transform, config.seed, stream_id, global_batch,
                       process_index, process_count)
   canvas = None

@@ -52,13 +52,18 @@ def resize_label(label: np.ndarray, size: Sequence[int]) -> np.ndarray:
   return np.asarray(Image.fromarray(label).resize((width, height), Image.NEAREST))
 
 
+def draw_scaled_size(height: int, width: int, scale_range: Sequence[float],
+                     rng: np.random.Generator) -> tuple[int, int]:
+  """(width, height) of a frame scaled by one factor uniform in scale_range (truncated)."""
+  low, high = float(scale_range[0]), float(scale_range[1])
+  scale = low + (high - low) * rng.random()
+  return int(width * scale), int(height * scale)
+
+
 def random_scale(image: np.ndarray, label: np.ndarray, scale_range: Sequence[float],
                  rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Rescales both by one factor uniform in scale_range (sizes truncated to int)."""
-  low, high = float(scale_range[0]), float(scale_range[1])
-  scale = low + (high - low) * rng.random()
-  height, width = image.shape[:2]
-  size = (int(width * scale), int(height * scale))
+  size = draw_scaled_size(*image.shape[:2], scale_range, rng)
   return resize_image(image, size), resize_label(label, size)
 
 
@@ -76,22 +81,48 @@ def pad_for_crop(image: np.ndarray, label: np.ndarray,
   return image, label
 
 
+def draw_crop_offset(height: int, width: int, crop_size: Sequence[int],
+                     rng: np.random.Generator) -> tuple[int, int]:
+  """(top, left) of a crop of (width, height) crop_size in a frame of height x width,
+  after `pad_for_crop`'s padding, which `height` and `width` include."""
+  crop_width, crop_height = _size(crop_size)
+  top = int(rng.integers(0, height - crop_height + 1))
+  left = int(rng.integers(0, width - crop_width + 1))
+  return top, left
+
+
 def random_crop(image: np.ndarray, label: np.ndarray, crop_size: Sequence[int],
                 rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
   """Pads when needed, then crops (width, height) at a uniform integer offset."""
   crop_width, crop_height = _size(crop_size)
   image, label = pad_for_crop(image, label, crop_size)
-  height, width = image.shape[:2]
-  top = int(rng.integers(0, height - crop_height + 1))
-  left = int(rng.integers(0, width - crop_width + 1))
+  top, left = draw_crop_offset(*image.shape[:2], crop_size, rng)
   return (image[top:top + crop_height, left:left + crop_width],
           label[top:top + crop_height, left:left + crop_width])
+
+
+def scale_crop_label(label: np.ndarray, flipped: bool, size: Sequence[int],
+                     crop_size: Sequence[int], top: int, left: int) -> np.ndarray:
+  """The label that `random_flip`, `random_scale` and `random_crop` make from these
+  draws: flipped or not, resized to size (width, height), padded with 255 (the image
+  with 0), cropped at (top, left) of the padded frame."""
+  if flipped:
+    label = label[:, ::-1]
+  label = resize_label(np.ascontiguousarray(label), size)
+  crop_width, crop_height = _size(crop_size)
+  pad_y, pad_x = max(0, crop_height - label.shape[0]), max(0, crop_width - label.shape[1])
+  label = np.pad(label, ((pad_y, pad_y), (pad_x, pad_x)), constant_values=IGNORE_LABEL)
+  return np.ascontiguousarray(label[top:top + crop_height, left:left + crop_width])
+
+
+def draw_flip(rng: np.random.Generator, probability: float = 0.5) -> bool:
+  return bool(rng.random() < probability)
 
 
 def random_flip(image: np.ndarray, label: np.ndarray, rng: np.random.Generator,
                 probability: float = 0.5) -> tuple[np.ndarray, np.ndarray]:
   """Horizontal flip of both with the given probability."""
-  if rng.random() < probability:
+  if draw_flip(rng, probability):
     return image[:, ::-1], label[:, ::-1]
   return image, label
 

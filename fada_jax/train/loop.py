@@ -131,7 +131,12 @@ def _batch_transfer(config, mesh):
   from fada_jax.data import device_augment, pil_exact  # pylint: disable=g-import-not-at-top
   tables = parallel.replicate(pil_exact.hsv_tables(), mesh, "PIL's HSV tables")
   finish = jax.jit(device_augment.finish_batch, out_shardings=parallel.batch_sharding(mesh))
-  return lambda batch: finish(parallel.shard_batch(batch, mesh), *tables)
+
+  def transfer(batch):
+    placed = parallel.shard_batch(batch, mesh)
+    return finish(placed, *tables) if device_augment.has_plans(batch) else placed
+
+  return transfer
 
 
 def _gather_data_states(iterator) -> dict:
