@@ -4,9 +4,9 @@
 Integer arithmetic and table lookups only, so every backend gives PIL's pixels exactly
 (the tests compare with the host path bit for bit). A batch read with
 `config.data.resize_on_device` holds, next to each full-size image key K ('image',
-'source_image', 'target_image'), the plan's arrays under 'K:plan_name'; `finish` returns
-the batch with K at the training size and the plan keys gone, so the step functions see
-the batch they always see.
+'source_image', 'target_image'), the plan's arrays under 'K:plan_name'; `finish_batch`
+returns the batch with K at the training size (stage 3: the crop size) and the plan
+keys gone, so the step functions see the batch they always see.
 """
 
 from __future__ import annotations

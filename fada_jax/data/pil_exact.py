@@ -34,6 +34,9 @@ BICUBIC_SUPPORT = 2.0
 NONE, BRIGHTNESS, CONTRAST, SATURATION = 0, 1, 2, 3
 _KIND_OF_OP = {0: BRIGHTNESS, 1: CONTRAST, 2: SATURATION}  # JitterParams.order codes
 NO_HUE = -1
+# The device sums a frame's grey values in int32 (contrast's mean): larger frames are
+# done on the host.
+MAX_FRAME_PIXELS = (2**31 - 1) // 255
 # A planned batch holds each plan array next to its image key K, as 'K:name'.
 PLAN_SEPARATOR = ":"
 
@@ -196,8 +199,8 @@ def _as_is(image: np.ndarray, canvas: tuple[int, int], num_taps: tuple[int, int]
 def _fits(image: np.ndarray, canvas: tuple[int, int], scaled: tuple[int, int],
           num_taps: tuple[int, int]) -> bool:
   height, width = image.shape[:2]
-  return (width <= canvas[0] and height <= canvas[1] and taps(width, scaled[0]) <= num_taps[0]
-          and taps(height, scaled[1]) <= num_taps[1])
+  return (width <= canvas[0] and height <= canvas[1] and height * width <= MAX_FRAME_PIXELS
+          and taps(width, scaled[0]) <= num_taps[0] and taps(height, scaled[1]) <= num_taps[1])
 
 
 def plan_example(image: np.ndarray, size: tuple[int, int], canvas: tuple[int, int],
