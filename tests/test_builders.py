@@ -144,10 +144,24 @@ def test_uncompressed_images_hold_the_same_pixels(data_root, tmp_path):
   source = prepared.make_prepared_source("gta5", data_root, "train", 19, prepared_dir=tmp_path)
   _check_against_folder(source, sources_lib.make_source("gta5", data_root, "train", 19), 3)
   for i in range(len(source)):
-    stored = source.read_encoded(i)["image"]
-    assert stored.startswith(b"\x89PNG") and b"IDAT\x78\x01" in stored  # zlib level 0
+    assert source.read_encoded(i)["image"].startswith(b"\x93NUMPY")  # the pixels themselves
   metadata = json.loads((source.path / "metadata.json").read_text())
-  assert metadata["images"] == "uncompressed PNG"
+  assert metadata["images"] == "NPY, uncompressed records"
+
+
+def test_uncompressed_images_go_into_uncompressed_records(tmp_path):
+  # Flat-colour frames: compressed records would hold them in a few kB.
+  root = tmp_path / "data"
+  for i in range(2):
+    _save(root / "gta5" / "images" / f"{i:05d}.png", np.full((200, 300, 3), 40 * i, np.uint8))
+    _save(root / "gta5" / "labels" / f"{i:05d}.png", np.full((200, 300), 7, np.uint8))
+  preparation.prepare("gta5", root, tmp_path / "out", 19, workers=1, progress=False,
+                      uncompressed_images=True)
+  source = prepared.make_prepared_source("gta5", root, "train", 19,
+                                         prepared_dir=tmp_path / "out")
+  stored = sum(f.stat().st_size for f in source.path.glob("*array_record*"))
+  assert stored >= 2 * 200 * 300 * 3
+  np.testing.assert_array_equal(source[1]["image"], np.full((200, 300, 3), 40, np.uint8))
 
 
 def test_synthia_16bit_labels(data_root, tmp_path):

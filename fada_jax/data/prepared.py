@@ -36,12 +36,17 @@ def _decode_label(data: bytes, name: str) -> np.ndarray:
     raise sources_lib.CorruptFileError(f"corrupt stored label of {name}: {error}") from None
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+
+
 def _decode_image(data: bytes, name: str) -> np.ndarray:
   try:
+    if data[:len(_NPY_MAGIC)] == _NPY_MAGIC:  # prepared with --uncompressed_images
+      return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
     with Image.open(io.BytesIO(data)) as image:
       # convert() copies even when the mode is already RGB: skip it then.
       return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))
-  except (OSError, SyntaxError, ValueError) as error:
+  except (OSError, SyntaxError, ValueError, EOFError) as error:
     raise sources_lib.CorruptFileError(f"corrupt stored image of {name}: {error}") from None
 
 

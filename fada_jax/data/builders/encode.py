@@ -28,12 +28,18 @@ def image_size(path: str, data: bytes) -> tuple[int, int]:
     raise sources_lib.CorruptFileError(f"corrupt or truncated image file {path}: {error}") from None
 
 
-def encode_png(array: np.ndarray, compress_level: int = 6) -> bytes:
-  """A lossless PNG of uint8 [H, W] (grey) or [H, W, 3] (RGB); zlib level 0 stores the
-  pixels uncompressed (larger, decoded several times faster)."""
+def encode_png(array: np.ndarray) -> bytes:
+  """A lossless PNG of uint8 [H, W] (grey) or [H, W, 3] (RGB)."""
   buffer = io.BytesIO()
   Image.fromarray(np.ascontiguousarray(array, np.uint8)).save(
-      buffer, format="PNG", compress_level=compress_level)
+      buffer, format="PNG", compress_level=6)
+  return buffer.getvalue()
+
+
+def encode_raw(array: np.ndarray) -> bytes:
+  """uint8 pixels as an NPY file: no compression, decoded by a copy."""
+  buffer = io.BytesIO()
+  np.save(buffer, np.ascontiguousarray(array, np.uint8), allow_pickle=False)
   return buffer.getvalue()
 
 
@@ -52,8 +58,8 @@ def encode_resized_example(source: sources_lib.FolderSource, index: int,
   class-balanced sampler draws the same files as from the full-size dataset."""
   from fada_jax.data import transforms  # pylint: disable=g-import-not-at-top
   example = source[index]
-  level = 0 if uncompressed else 6
-  return {"image": encode_png(transforms.resize_image(example["image"], size), level),
+  image = transforms.resize_image(example["image"], size)
+  return {"image": encode_raw(image) if uncompressed else encode_png(image),
           "label": encode_png(transforms.resize_label(example["label"], size)),
           "name": example["name"],
           "classes": present_classes(example["label"], source.num_classes)}
@@ -63,7 +69,7 @@ def encode_example(source: sources_lib.FolderSource, index: int,
                    size: tuple[int, int] | None = None,
                    uncompressed: bool = False) -> dict[str, Any]:
   """The stored record of frame `index` of a folder source (at `size` if given): the
-  image file's own bytes, or with `uncompressed` its RGB pixels as an uncompressed PNG."""
+  image file's own bytes, or with `uncompressed` its RGB pixels (NPY)."""
   if size is not None:
     return encode_resized_example(source, index, size, uncompressed)
   image_path = source.image_paths[index]
@@ -78,7 +84,7 @@ def encode_example(source: sources_lib.FolderSource, index: int,
     # As the folder source does: a few GTA5 labels differ in size from their image.
     train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
   if uncompressed:
-    image_bytes = encode_png(sources_lib.read_image(image_path), compress_level=0)
+    image_bytes = encode_raw(sources_lib.read_image(image_path))
   return {"image": image_bytes, "label": encode_png(train_ids), "name": source.names[index],
           "classes": present_classes(train_ids, source.num_classes)}
 

@@ -99,7 +99,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
     image_size = getattr(self.builder_config, "image_size", None)
     if image_size is not None:
       metadata["image_size"] = list(image_size)
-    metadata["images"] = ("uncompressed PNG" if self._uncompressed_images else
+    metadata["images"] = ("NPY, uncompressed records" if self._uncompressed_images else
                           "the image files' own bytes" if image_size is None else "PNG")
     generators = {}
     for split in layout.splits(self.name, image_size):
