@@ -263,7 +263,7 @@ def _add_data_arguments(parser: argparse.ArgumentParser) -> None:
                       help="frames per dataset written by --generate")
   parser.add_argument("--uncompressed_images", action="store_true",
                       help="with --generate and --format=array_record: prepare the frames "
-                      "as uncompressed PNGs (tools/prepare_data.py --uncompressed_images); "
+                      "as raw pixels (tools/prepare_data.py --uncompressed_images); "
                       "give it a DIR of its own, as DIR/prepared keeps what it holds")
   parser.add_argument("--workers", type=int, default=0,
                       help="grain worker processes of each stream")

@@ -20,11 +20,11 @@ batches: the target stream, and the source stream when no colour jitter comes be
 the resize (stage 1, or config.data.jitter_first=False). Decoding a frame a third to a
 quarter of the size, with no resize left, is what makes it fast.
 
---uncompressed_images stores every image as an uncompressed PNG (zlib level 0) of its RGB
-pixels instead of the original file's bytes: two to three times the disk of GTA5's PNGs
-(about 6 MB a frame), decoded about four times faster. With
-config.data.resize_on_device the reading processes of stages 1-2 do little but decode,
-so this is what then limits them. A dataset already prepared is left as it is: remove
+--uncompressed_images stores every image as its RGB pixels (an NPY array) in uncompressed
+records, instead of the original file's bytes in TFDS's compressed records: about
+6 MB per GTA5 frame (about 150 GB for GTA5, 2-3 times its PNGs), read with no decoding.
+With config.data.resize_on_device the reading processes of stages 1-2 do little but
+decode, so this doubles their rate. A dataset already prepared is left as it is: remove
 its folder to prepare it again this way.
 
 Safe to interrupt and rerun: a dataset is written to a temporary folder and renamed when
@@ -71,8 +71,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                       "the source stream with colour jitter only with "
                       "config.data.jitter_first=False), with the same batches")
   parser.add_argument("--uncompressed_images", action="store_true",
-                      help="store images as uncompressed PNGs: 2-3x the disk, decoded about "
-                      "4x faster (what limits reading with config.data.resize_on_device)")
+                      help="store images as raw pixels in uncompressed records: 2-3x the "
+                      "disk, no decoding (what limits reading with "
+                      "config.data.resize_on_device)")
   parser.add_argument("--no_progress", action="store_true", help="no progress bars")
   return parser.parse_args(argv)
 
