@@ -261,6 +261,23 @@ def test_jitter_first_follows_the_release_order():
   assert np.abs(got_first.astype(np.float32) - got_after).mean() < 6  # levels of 255
 
 
+@pytest.mark.parametrize("crop", [(24, 16), (60, 48)])  # inside the frame; padded
+def test_stage3_transform_is_the_releases_sequence_of_transforms(crop):
+  """Jitter, flip, random scale, random crop, each drawing in turn from one generator."""
+  transform = pipeline.ScaleCropTransform(crop, (0.5, 1.5), True, (0.5, 0.5, 0.5, 0.2))
+  for seed in range(6):
+    image, label = _rgb(seed, 37, 53), _ids(seed, 37, 53)
+    rng = np.random.default_rng(seed)
+    want_image = transforms.color_jitter(image, (0.5, 0.5, 0.5, 0.2), rng)
+    want_image, want_label = transforms.random_flip(want_image, label, rng)
+    want_image, want_label = transforms.random_scale(want_image, want_label, (0.5, 1.5), rng)
+    want_image, want_label = transforms.random_crop(want_image, want_label, crop, rng)
+    got_image, got_label = transform({"image": image, "label": label},
+                                     np.random.default_rng(seed))
+    np.testing.assert_array_equal(got_image, want_image)
+    np.testing.assert_array_equal(got_label, want_label)
+
+
 def test_a_data_error_in_a_worker_process_is_the_same_one_line_error(data_root, tmp_path,
                                                                    capfd):
   root = tmp_path / "data"

@@ -19,8 +19,6 @@ import jax.numpy as jnp
 
 from fada_jax.data import pil_exact
 
-PLAN_SEPARATOR = pil_exact.PLAN_SEPARATOR
-plan_key = pil_exact.plan_key
 PLAN_KEYS = ("frame_size", "columns", "column_weights", "rows", "row_weights",
              "blend_before", "blend_after", "hue_shift", "blend_tables")
 
@@ -90,14 +88,14 @@ def apply_plans(images, plans: Mapping[str, Any], rgb_to_hsv, hsv_to_rgb):
 
 
 def has_plans(batch: Mapping[str, Any]) -> bool:
-  return any(PLAN_SEPARATOR in key for key in batch)
+  return any(pil_exact.PLAN_SEPARATOR in key for key in batch)
 
 
 def finish_batch(batch: Mapping[str, Any], rgb_to_hsv, hsv_to_rgb) -> dict[str, Any]:
   """The batch with every planned image jittered and resized (traceable)."""
-  out = {key: value for key, value in batch.items() if PLAN_SEPARATOR not in key}
+  out = {key: value for key, value in batch.items() if pil_exact.PLAN_SEPARATOR not in key}
   for key in out:
-    if plan_key(key, PLAN_KEYS[0]) in batch:
-      plans = {name: batch[plan_key(key, name)] for name in PLAN_KEYS}
+    if pil_exact.plan_key(key, PLAN_KEYS[0]) in batch:
+      plans = {name: batch[pil_exact.plan_key(key, name)] for name in PLAN_KEYS}
       out[key] = apply_plans(batch[key], plans, rgb_to_hsv, hsv_to_rgb)
   return out

@@ -245,15 +245,12 @@ def plan_scale_crop(image: np.ndarray, canvas: tuple[int, int], crop_size: tuple
   crop_width, crop_height = crop_size
   num_taps = (taps(canvas[0], max(1, int(canvas[0] * min_scale))),
               taps(canvas[1], max(1, int(canvas[1] * min_scale))))
-  pad_x, pad_y = max(0, crop_width - scaled[0]), max(0, crop_height - scaled[1])
   if not _fits(image, canvas, scaled, num_taps):
     if params is not None:
       image = transforms.apply_jitter(image, params)
-    if flipped:
-      image = image[:, ::-1]
-    image = transforms.resize_image(np.ascontiguousarray(image), scaled)
-    image = np.pad(image, ((pad_y, pad_y), (pad_x, pad_x), (0, 0)))
-    return _as_is(image[top:top + crop_height, left:left + crop_width], canvas, num_taps)
+    return _as_is(transforms.flip_scale_crop(image, crop_size, flipped, scaled, top, left),
+                  canvas, num_taps)
+  pad_y, pad_x = transforms.crop_padding(scaled[1], scaled[0], crop_size)
   height, width = image.shape[:2]
   columns = _cropped(resize_weights(width, scaled[0], num_taps[0]), left - pad_x, crop_width,
                      scaled[0])

@@ -181,34 +181,25 @@ class ScaleCropTransform:
 
   def __call__(self, example, rng: np.random.Generator):
     image, label = example["image"], example["label"]
-    if self.canvas is not None:
-      # The draws of the release's order below, in its order.
+    if self.jitter_first:
+      # The release's order: jitter the full frame, flip, scale, crop (drawn in that order).
       params = (transforms.sample_jitter(self.color_jitter, rng) if any(self.color_jitter)
                 else None)
-      flipped = self.flip and transforms.draw_flip(rng)
-      scaled = transforms.draw_scaled_size(*image.shape[:2], self.scale_range, rng)
-      crop_width, crop_height = self.crop_size
-      top, left = transforms.draw_crop_offset(
-          scaled[1] + 2 * max(0, crop_height - scaled[1]),
-          scaled[0] + 2 * max(0, crop_width - scaled[0]), self.crop_size, rng)
-      plan = pil_exact.plan_scale_crop(image, self.canvas, self.crop_size,
-                                       self.scale_range[0], params, flipped, scaled, top, left)
-      return plan, transforms.scale_crop_label(label, flipped, scaled, self.crop_size, top,
-                                               left)
-    if self.jitter_first:
-      # The release's order: jitter the full frame, flip, scale, crop.
-      image = transforms.color_jitter(image, self.color_jitter, rng)
-      if self.flip:
-        image, label = transforms.random_flip(image, label, rng)
-      image, label = transforms.random_scale(image, label, self.scale_range, rng)
-      image, label = transforms.random_crop(image, label, self.crop_size, rng)
-    else:
-      # Jitter commutes with scaling up to rounding, and on the crop it costs a fraction.
-      image, label = transforms.random_scale(image, label, self.scale_range, rng)
-      image, label = transforms.random_crop(image, label, self.crop_size, rng)
-      if self.flip:
-        image, label = transforms.random_flip(image, label, rng)
-      image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
+      geometry = transforms.draw_flip_scale_crop(*image.shape[:2], self.flip,
+                                                 self.scale_range, self.crop_size, rng)
+      label = transforms.flip_scale_crop(label, self.crop_size, *geometry, is_label=True)
+      if self.canvas is not None:
+        return pil_exact.plan_scale_crop(image, self.canvas, self.crop_size,
+                                         self.scale_range[0], params, *geometry), label
+      if params is not None:
+        image = transforms.apply_jitter(image, params)
+      return transforms.flip_scale_crop(image, self.crop_size, *geometry), label
+    # Jitter commutes with scaling up to rounding, and on the crop it costs a fraction.
+    image, label = transforms.random_scale(image, label, self.scale_range, rng)
+    image, label = transforms.random_crop(image, label, self.crop_size, rng)
+    if self.flip:
+      image, label = transforms.random_flip(image, label, rng)
+    image = transforms.color_jitter(np.ascontiguousarray(image), self.color_jitter, rng)
     # Crop padding is uint8 0 here, normalised on the device like every other pixel, as
     # the release pads the image before normalising it.
     return np.ascontiguousarray(image), np.ascontiguousarray(label)

@@ -67,18 +67,25 @@ def random_scale(image: np.ndarray, label: np.ndarray, scale_range: Sequence[flo
   return resize_image(image, size), resize_label(label, size)
 
 
+def crop_padding(height: int, width: int, crop_size: Sequence[int]) -> tuple[int, int]:
+  """(pad_y, pad_x): torchvision's pad_if_needed gives a dimension short by d d on both
+  sides."""
+  crop_width, crop_height = _size(crop_size)
+  return max(0, crop_height - height), max(0, crop_width - width)
+
+
+def _pad(array: np.ndarray, pad_y: int, pad_x: int, value: int) -> np.ndarray:
+  if pad_x == 0 and pad_y == 0:
+    return array
+  pads = ((pad_y, pad_y), (pad_x, pad_x)) + ((0, 0),) * (array.ndim - 2)
+  return np.pad(array, pads, constant_values=value)
+
+
 def pad_for_crop(image: np.ndarray, label: np.ndarray,
                  crop_size: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
-  """torchvision's pad_if_needed: a dimension short by d gets d on both sides."""
-  crop_width, crop_height = _size(crop_size)
-  height, width = image.shape[:2]
-  pad_x = max(0, crop_width - width)
-  pad_y = max(0, crop_height - height)
-  if pad_x == 0 and pad_y == 0:
-    return image, label
-  image = np.pad(image, ((pad_y, pad_y), (pad_x, pad_x), (0, 0)), constant_values=0)
-  label = np.pad(label, ((pad_y, pad_y), (pad_x, pad_x)), constant_values=IGNORE_LABEL)
-  return image, label
+  """torchvision's pad_if_needed: image with 0, label with 255."""
+  pad_y, pad_x = crop_padding(*image.shape[:2], crop_size)
+  return _pad(image, pad_y, pad_x, 0), _pad(label, pad_y, pad_x, IGNORE_LABEL)
 
 
 def draw_crop_offset(height: int, width: int, crop_size: Sequence[int],
@@ -101,18 +108,30 @@ def random_crop(image: np.ndarray, label: np.ndarray, crop_size: Sequence[int],
           label[top:top + crop_height, left:left + crop_width])
 
 
-def scale_crop_label(label: np.ndarray, flipped: bool, size: Sequence[int],
-                     crop_size: Sequence[int], top: int, left: int) -> np.ndarray:
-  """The label that `random_flip`, `random_scale` and `random_crop` make from these
-  draws: flipped or not, resized to size (width, height), padded with 255 (the image
-  with 0), cropped at (top, left) of the padded frame."""
+def draw_flip_scale_crop(height: int, width: int, flip: bool, scale_range: Sequence[float],
+                         crop_size: Sequence[int], rng: np.random.Generator
+                         ) -> tuple[bool, tuple[int, int], int, int]:
+  """The draws of `random_flip` (if `flip`), `random_scale` and `random_crop`, in that
+  order, for a frame of height x width: (flipped, scaled (width, height), top, left)."""
+  flipped = flip and draw_flip(rng)
+  scaled = draw_scaled_size(height, width, scale_range, rng)
+  pad_y, pad_x = crop_padding(scaled[1], scaled[0], crop_size)
+  top, left = draw_crop_offset(scaled[1] + 2 * pad_y, scaled[0] + 2 * pad_x, crop_size, rng)
+  return flipped, scaled, top, left
+
+
+def flip_scale_crop(array: np.ndarray, crop_size: Sequence[int], flipped: bool,
+                    scaled: Sequence[int], top: int, left: int,
+                    is_label: bool = False) -> np.ndarray:
+  """What `random_flip`, `random_scale` and `random_crop` make of an image (or label)
+  with the draws of `draw_flip_scale_crop`."""
   if flipped:
-    label = label[:, ::-1]
-  label = resize_label(np.ascontiguousarray(label), size)
+    array = array[:, ::-1]
+  array = (resize_label if is_label else resize_image)(np.ascontiguousarray(array), scaled)
+  array = _pad(array, *crop_padding(*array.shape[:2], crop_size),
+               IGNORE_LABEL if is_label else 0)
   crop_width, crop_height = _size(crop_size)
-  pad_y, pad_x = max(0, crop_height - label.shape[0]), max(0, crop_width - label.shape[1])
-  label = np.pad(label, ((pad_y, pad_y), (pad_x, pad_x)), constant_values=IGNORE_LABEL)
-  return np.ascontiguousarray(label[top:top + crop_height, left:left + crop_width])
+  return np.ascontiguousarray(array[top:top + crop_height, left:left + crop_width])
 
 
 def draw_flip(rng: np.random.Generator, probability: float = 0.5) -> bool:

@@ -82,7 +82,7 @@ def prepare(name: str, data_root: str | os.PathLike, output_dir: str | os.PathLi
   """Prepares `name` unless it is already complete; returns what was found or written.
 
   With `image_size` (width, height), the train split at that training size instead.
-  `uncompressed_images` stores the images as uncompressed PNGs (see prepare.py)."""
+  `uncompressed_images` stores the images' pixels in uncompressed records (see prepare.py)."""
   if name != "cityscapes_pseudo":
     pseudo_label_dir = None  # Only the pseudo-labelled dataset reads that folder.
   output_dir = Path(output_dir).expanduser()
