@@ -24,7 +24,7 @@ quarter of the size, with no resize left, is what makes it fast.
 records, instead of the original file's bytes in TFDS's compressed records: about
 6 MB per GTA5 frame (about 150 GB for GTA5, 2-3 times its PNGs), read with no decoding.
 With config.data.resize_on_device the reading processes of stages 1-2 do little but
-decode, so this doubles their rate. A dataset already prepared is left as it is: remove
+decode, so this nearly doubles their rate. A dataset already prepared is left as it is: remove
 its folder to prepare it again this way.
 
 Safe to interrupt and rerun: a dataset is written to a temporary folder and renamed when
