@@ -144,9 +144,23 @@ def test_uncompressed_images_hold_the_same_pixels(data_root, tmp_path):
   source = prepared.make_prepared_source("gta5", data_root, "train", 19, prepared_dir=tmp_path)
   _check_against_folder(source, sources_lib.make_source("gta5", data_root, "train", 19), 3)
   for i in range(len(source)):
-    assert source.read_encoded(i)["image"].startswith(b"\x93NUMPY")  # the pixels themselves
+    record = source.read_encoded(i)
+    assert record["image"].startswith(b"\x93NUMPY")  # the pixels themselves
+    assert zlib.decompress(record["label"]).startswith(b"\x93NUMPY")  # not a PNG
   metadata = json.loads((source.path / "metadata.json").read_text())
   assert metadata["images"] == "NPY, uncompressed records"
+  assert metadata["labels"] == "NPY, zlib level 1"
+
+
+def test_corrupt_stored_labels_are_named(data_root, tmp_path):
+  preparation.prepare("gta5", data_root, tmp_path, 19, workers=1, progress=False,
+                      uncompressed_images=True)
+  source = prepared.make_prepared_source("gta5", data_root, "train", 19, prepared_dir=tmp_path)
+  record = dict(source.read_encoded(0))
+  name = source.names[0]
+  for label in (record["label"][:-9], zlib.compress(b"not an array"), b"\x89PNG\r\n"):
+    with pytest.raises(sources_lib.CorruptFileError, match=f"corrupt stored label of {name}"):
+      source._decode({**record, "label": label})  # pylint: disable=protected-access
 
 
 def test_uncompressed_images_go_into_uncompressed_records(tmp_path):

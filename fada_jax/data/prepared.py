@@ -12,6 +12,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import zlib
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -28,21 +29,28 @@ def default_prepared_dir(root: str | os.PathLike) -> Path:
   return Path(root).expanduser() / "prepared"
 
 
+_NPY_MAGIC = b"\x93NUMPY"
+_ZLIB_FIRST_BYTE = 0x78  # deflate with a 32 kB window: every zlib stream Python writes
+
+
+def _read_npy(data: bytes) -> np.ndarray:
+  return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+
+
 def _decode_label(data: bytes, name: str) -> np.ndarray:
   try:
+    if data[:1] == bytes([_ZLIB_FIRST_BYTE]):  # prepared with --uncompressed_images
+      return _read_npy(zlib.decompress(data))
     with Image.open(io.BytesIO(data)) as image:
       return np.asarray(image)
-  except (OSError, SyntaxError, ValueError) as error:
+  except (OSError, SyntaxError, ValueError, EOFError, zlib.error) as error:
     raise sources_lib.CorruptFileError(f"corrupt stored label of {name}: {error}") from None
-
-
-_NPY_MAGIC = b"\x93NUMPY"
 
 
 def _decode_image(data: bytes, name: str) -> np.ndarray:
   try:
     if data[:len(_NPY_MAGIC)] == _NPY_MAGIC:  # prepared with --uncompressed_images
-      return np.lib.format.read_array(io.BytesIO(data), allow_pickle=False)
+      return _read_npy(data)
     with Image.open(io.BytesIO(data)) as image:
       # convert() copies even when the mode is already RGB: skip it then.
       return np.asarray(image if image.mode == "RGB" else image.convert("RGB"))

@@ -8,6 +8,7 @@ only numpy, PIL and the data modules (no TFDS).
 from __future__ import annotations
 
 import io
+import zlib
 from typing import Any
 
 import numpy as np
@@ -43,6 +44,17 @@ def encode_raw(array: np.ndarray) -> bytes:
   return buffer.getvalue()
 
 
+def encode_label_raw(train_ids: np.ndarray) -> bytes:
+  """A label map as NPY compressed with zlib level 1: label maps are large flat regions,
+  so a GTA5 label takes tens of kB and decodes in about 1 ms, against 6-9 ms for a PNG."""
+  return zlib.compress(encode_raw(train_ids), 1)
+
+
+def encode_label(train_ids: np.ndarray, uncompressed: bool) -> bytes:
+  """A label as stored: a PNG, or with `uncompressed` (images) the fast form above."""
+  return encode_label_raw(train_ids) if uncompressed else encode_png(train_ids)
+
+
 def present_classes(train_ids: np.ndarray, num_classes: int) -> np.ndarray:
   """The sorted train ids (< num_classes) that occur in a label map, as uint8."""
   counts = np.bincount(train_ids.ravel(), minlength=256)
@@ -60,7 +72,7 @@ def encode_resized_example(source: sources_lib.FolderSource, index: int,
   example = source[index]
   image = transforms.resize_image(example["image"], size)
   return {"image": encode_raw(image) if uncompressed else encode_png(image),
-          "label": encode_png(transforms.resize_label(example["label"], size)),
+          "label": encode_label(transforms.resize_label(example["label"], size), uncompressed),
           "name": example["name"],
           "classes": present_classes(example["label"], source.num_classes)}
 
@@ -69,7 +81,8 @@ def encode_example(source: sources_lib.FolderSource, index: int,
                    size: tuple[int, int] | None = None,
                    uncompressed: bool = False) -> dict[str, Any]:
   """The stored record of frame `index` of a folder source (at `size` if given): the
-  image file's own bytes, or with `uncompressed` its RGB pixels (NPY)."""
+  image file's own bytes and a PNG label, or with `uncompressed` its RGB pixels (NPY) and
+  the label as `encode_label_raw`."""
   if size is not None:
     return encode_resized_example(source, index, size, uncompressed)
   image_path = source.image_paths[index]
@@ -85,7 +98,7 @@ def encode_example(source: sources_lib.FolderSource, index: int,
     train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
   if uncompressed:
     image_bytes = encode_raw(sources_lib.read_image(image_path))
-  return {"image": image_bytes, "label": encode_png(train_ids), "name": source.names[index],
+  return {"image": image_bytes, "label": encode_label(train_ids, uncompressed), "name": source.names[index],
           "classes": present_classes(train_ids, source.num_classes)}
 
 

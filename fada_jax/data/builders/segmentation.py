@@ -101,6 +101,7 @@ class _SegmentationBuilder(tfds.core.GeneratorBasedBuilder, skip_registration=Tr
       metadata["image_size"] = list(image_size)
     metadata["images"] = ("NPY, uncompressed records" if self._uncompressed_images else
                           "the image files' own bytes" if image_size is None else "PNG")
+    metadata["labels"] = ("NPY, zlib level 1" if self._uncompressed_images else "PNG")
     generators = {}
     for split in layout.splits(self.name, image_size):
       source = sources_lib.make_source(self.name, root, split, self.builder_config.num_classes,
