@@ -17,10 +17,16 @@ evaluation alike) goes through `conv_general_dilated`, and `conv_rule` decides p
   - stride 1, 'same' padding, few output channels from many more inputs (the ASPP
     classifier's K, the discriminator heads): one product with all taps side by side,
     [rows, C] x [C, KH*KW*O], the tap outputs shifted into place and summed.
-  - otherwise: XLA's convolution forward and input gradient, and the kernel gradient per
-    tap as ordinary products,
-      dW[kh, kw] = sum_{n,i,j} x_pad[n, i*s + kh*d, j*s + kw*d, :]^T g[n, i, j, :].
+  - other stride-1 convs with at most as many outputs as inputs (the backbone's 3x3s):
+    XLA's convolution forward and input gradient, and the kernel gradient as one product,
+    the output gradient shifted once per tap and stacked, G = [rows, KH*KW*O]:
+      dW[kh, kw] = sum_{n,i,j} x[n, i, j, :]^T g[n, i - kh*d + pad, j - kw*d + pad, :].
     Without differentiation (evaluation) this is XLA's convolution alone.
+  - otherwise (strided, or widening: the stem, VGG's first convs of a stage): XLA's
+    convolution and both its gradients, which XLA:CPU runs as YNNPACK convolutions. Their
+    kernel gradients as products would be one [C, O] product per tap, over every output
+    position, which the product kernels run poorly: the ResNet stem's at 512x256 took
+    148 ms against XLA's 9 ms.
 Each equals the convolution (and its gradients) up to float summation order.
 
 The same setting gives the programs XLA:CPU options (`compiler_options`): YNNPACK fusions
@@ -50,6 +56,7 @@ SETTINGS = ('auto', 'on', 'off')
 PRODUCT_1X1 = '1x1 product'
 PRODUCT_TAPS = 'taps product'
 CONV_MATMUL_KERNEL_GRAD = 'convolution, matmul kernel gradient'
+CONVOLUTION = 'convolution'
 
 # With this few output channels (and at least 4x as many inputs) a k x k conv's own
 # kernels use the machine poorly, and one product with all taps side by side does better,
@@ -115,8 +122,8 @@ def enabled_for(config, override: Optional[bool] = None) -> bool:
 
 
 def conv_rule(kernel_shape, strides, padding, rhs_dilation) -> str:
-  """Which form a plain NHWC/HWIO conv takes: PRODUCT_1X1, PRODUCT_TAPS or
-  CONV_MATMUL_KERNEL_GRAD. `padding` is ((top, bottom), (left, right))."""
+  """Which form a plain NHWC/HWIO conv takes: PRODUCT_1X1, PRODUCT_TAPS,
+  CONV_MATMUL_KERNEL_GRAD or CONVOLUTION. `padding` is ((top, bottom), (left, right))."""
   kh_size, kw_size, channels, features = kernel_shape
   if (kh_size, kw_size) == (1, 1) and tuple(map(tuple, padding)) == ((0, 0), (0, 0)):
     return PRODUCT_1X1
@@ -125,17 +132,48 @@ def conv_rule(kernel_shape, strides, padding, rhs_dilation) -> str:
   if (features <= _NARROW_FEATURES and channels >= _NARROW_INPUT_RATIO * features
       and tuple(strides) == (1, 1) and same and kh_size % 2 and kw_size % 2):
     return PRODUCT_TAPS
-  return CONV_MATMUL_KERNEL_GRAD
+  if tuple(strides) == (1, 1) and features <= channels:
+    return CONV_MATMUL_KERNEL_GRAD
+  return CONVOLUTION
 
 
-# ----------------------------------------------------------------------------- the three forms
+# ----------------------------------------------------------------------------- the forms
+
+
+def _transposed_product(a, b, precision):
+  """a^T b for row-major [rows, m] and [rows, n]. XLA:CPU gives a product that contracts
+  its left operand's leading axis to Eigen, whose thread pool then competes with
+  YNNPACK's for the cores; with the transpose kept (an optimisation barrier stops XLA
+  folding it into the product) YNNPACK takes it, transpose included."""
+  return jnp.dot(lax.optimization_barrier(a.T), b, precision=precision)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _product(x, w, precision):
+  """x w for [rows, C] and [C, O], its kernel gradient as `_transposed_product`."""
+  return jnp.dot(x, w, precision=precision)
+
+
+def _product_fwd(x, w, precision):
+  return _product(x, w, precision), (x, w)
+
+
+def _product_bwd(precision, residuals, grad):
+  x, w = residuals
+  return (jnp.dot(grad, w.T, precision=precision).astype(x.dtype),
+          _transposed_product(x, grad, precision).astype(w.dtype))
+
+
+_product.defvjp(_product_fwd, _product_bwd)
 
 
 def conv_1x1_as_product(x, kernel, strides, precision):
-  """A 1x1 conv (no padding) is a strided slice and one product; autodiff gives dW = x^T g."""
+  """A 1x1 conv (no padding) is a strided slice and one product, dW = x^T g."""
   if tuple(strides) != (1, 1):
     x = x[:, ::strides[0], ::strides[1], :]
-  return jnp.dot(x, kernel.reshape(kernel.shape[-2:]), precision=precision)
+  channels, features = kernel.shape[-2:]
+  out = _product(x.reshape(-1, channels), kernel.reshape(channels, features), precision)
+  return out.reshape(*x.shape[:-1], features)
 
 
 def conv_taps_as_product(x, kernel, padding, rhs_dilation, precision):
@@ -176,50 +214,33 @@ def _conv_bwd(strides, padding, rhs_dilation, precision, residuals, grad):
           inputs, kernel, strides, padding, rhs_dilation=rhs_dilation,
           dimension_numbers=_NHWC, precision=precision), x)
   (grad_x,) = input_vjp(grad)
-  return grad_x, _kernel_grad(x, grad, kernel.shape, strides, padding, rhs_dilation,
+  return grad_x, _kernel_grad(x, grad, kernel.shape, padding, rhs_dilation,
                               precision).astype(kernel.dtype)
 
 
 conv_with_matmul_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
-def _kernel_grad(x, grad, kernel_shape, strides, padding, rhs_dilation, precision):
-  """dW by matrix products, in whichever of two layouts copies less data.
-
-  Stride 1 with at most as many output as input channels: the gradient shifted once per
-  tap and stacked, G = [rows, KH*KW*O], and one product x^T G (with as many outputs as
-  inputs this copies as much as the taps of x do, but one large product runs faster than
-  KH*KW small ones: 6 % of the ResNet-101 stage-2 step's CPU time). Otherwise one product
-  per tap, g^T x_tap, over the tap's strided window of the padded input.
-  """
+def _kernel_grad(x, grad, kernel_shape, padding, rhs_dilation, precision):
+  """dW of a stride-1 conv with at most as many outputs as inputs, as one product: the
+  gradient shifted once per tap and stacked, G = [rows, KH*KW*O], then x^T G (this copies
+  as much as the taps of x would, but one large product runs faster than KH*KW small
+  ones: 6 % of the ResNet-101 stage-2 step's CPU time)."""
   kh_size, kw_size, channels, features = kernel_shape
-  sh, sw = strides
   dh, dw = rhs_dilation
   (pt, pb), (pl, pr) = padding
-  batch, out_h, out_w, _ = grad.shape
-  if (sh, sw) == (1, 1) and features <= channels:
-    # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
-    ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
-    grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))
-    height, width = x.shape[1:3]
-    shifted = [lax.slice(grad_padded, (0, ah + pt - kh * dh, aw + pl - kw * dw, 0),
-                         (batch, ah + pt - kh * dh + height, aw + pl - kw * dw + width,
-                          features))
-               for kh in range(kh_size) for kw in range(kw_size)]
-    stacked = jnp.concatenate(shifted, axis=-1).reshape(-1, kh_size * kw_size * features)
-    product = jnp.dot(x.reshape(-1, channels).T, stacked, precision=precision)
-    return product.reshape(channels, kh_size, kw_size, features).transpose(1, 2, 0, 3)
-  x = jnp.pad(x, ((0, 0), (pt, pb), (pl, pr), (0, 0)))
-  dims = (((0, 1, 2), (0, 1, 2)), ((), ()))
-  taps = []
-  for kh in range(kh_size):
-    for kw in range(kw_size):
-      patch = lax.slice(x, (0, kh * dh, kw * dw, 0),
-                        (batch, kh * dh + (out_h - 1) * sh + 1,
-                         kw * dw + (out_w - 1) * sw + 1, channels),
-                        (1, sh, sw, 1))
-      taps.append(lax.dot_general(grad, patch, dims, precision=precision).T)
-  return jnp.stack(taps).reshape(kernel_shape)
+  batch = grad.shape[0]
+  # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
+  ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
+  grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))
+  height, width = x.shape[1:3]
+  shifted = [lax.slice(grad_padded, (0, ah + pt - kh * dh, aw + pl - kw * dw, 0),
+                       (batch, ah + pt - kh * dh + height, aw + pl - kw * dw + width,
+                        features))
+             for kh in range(kh_size) for kw in range(kw_size)]
+  stacked = jnp.concatenate(shifted, axis=-1).reshape(-1, kh_size * kw_size * features)
+  product = _transposed_product(x.reshape(-1, channels), stacked, precision)
+  return product.reshape(channels, kh_size, kw_size, features).transpose(1, 2, 0, 3)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -261,7 +282,10 @@ def conv_general_dilated(lhs, rhs, window_strides, padding, lhs_dilation=None,
     return conv_1x1_as_product(lhs, rhs, strides, precision)
   if rule == PRODUCT_TAPS:
     return conv_taps_as_product(lhs, rhs, pads, dilation, precision)
-  return conv_with_matmul_kernel_grad(lhs, rhs, strides, pads, dilation, precision)
+  if rule == CONV_MATMUL_KERNEL_GRAD:
+    return conv_with_matmul_kernel_grad(lhs, rhs, strides, pads, dilation, precision)
+  return lax.conv_general_dilated(lhs, rhs, strides, pads, rhs_dilation=dilation,
+                                  dimension_numbers=_NHWC, precision=precision)
 
 
 def _interceptor(next_fun, args, kwargs, context):
