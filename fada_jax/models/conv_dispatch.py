@@ -18,8 +18,8 @@ evaluation alike) goes through `conv_general_dilated`, and `conv_rule` decides p
     classifier's K, the discriminator heads): one product with all taps side by side,
     [rows, C] x [C, KH*KW*O], the tap outputs shifted into place and summed.
   - other stride-1 convs with at most as many outputs as inputs (the backbone's 3x3s):
-    XLA's convolution forward and input gradient, and the kernel gradient as one product,
-    the output gradient shifted once per tap and stacked, G = [rows, KH*KW*O]:
+    XLA's convolution forward and input gradient, and the kernel gradient as one product
+    per tap, each reading a contiguous run of the flattened, padded output gradient:
       dW[kh, kw] = sum_{n,i,j} x[n, i, j, :]^T g[n, i - kh*d + pad, j - kw*d + pad, :].
     Without differentiation (evaluation) this is XLA's convolution alone.
   - otherwise (strided, or widening: the stem, VGG's first convs of a stage): XLA's
@@ -222,25 +222,44 @@ conv_with_matmul_kernel_grad.defvjp(_conv_fwd, _conv_bwd)
 
 
 def _kernel_grad(x, grad, kernel_shape, padding, rhs_dilation, precision):
-  """dW of a stride-1 conv with at most as many outputs as inputs, as one product: the
-  gradient shifted once per tap and stacked, G = [rows, KH*KW*O], then x^T G (this copies
-  as much as the taps of x would, but one large product runs faster than KH*KW small
-  ones: 6 % of the ResNet-101 stage-2 step's CPU time)."""
+  """dW of a stride-1 conv with at most as many outputs as inputs, one product per tap
+  with no strided copies: x is padded on the right to a common row width, the gradient
+  padded with zero rows and columns in that width, and both flattened, so that tap t's
+  pairs (x[i, j], g[i + pt - kh*dh, j + pl - kw*dw]) lie a constant distance apart and
+      dW[kh, kw] = X^T G[offset_t : offset_t + rows]
+  takes a contiguous run of the flattened gradient (zeros where the tap falls outside
+  it; x's padding columns are zero, so what they meet adds nothing). Stacking the taps'
+  shifted gradients side by side instead (one [rows, KH*KW*O] operand) copies 9 strided
+  windows, which cost as much as the products they feed at ResNet-101's layer3 shapes."""
   kh_size, kw_size, channels, features = kernel_shape
   dh, dw = rhs_dilation
-  (pt, pb), (pl, pr) = padding
-  batch = grad.shape[0]
-  # G_t[q] = g[q + pad - offset_t] (zero outside): dW_t = sum_q x[q] G_t[q].
-  ah, aw = (kh_size - 1) * dh + pt + pb, (kw_size - 1) * dw + pl + pr
-  grad_padded = jnp.pad(grad, ((0, 0), (ah, ah), (aw, aw), (0, 0)))
-  height, width = x.shape[1:3]
-  shifted = [lax.slice(grad_padded, (0, ah + pt - kh * dh, aw + pl - kw * dw, 0),
-                       (batch, ah + pt - kh * dh + height, aw + pl - kw * dw + width,
-                        features))
-             for kh in range(kh_size) for kw in range(kw_size)]
-  stacked = jnp.concatenate(shifted, axis=-1).reshape(-1, kh_size * kw_size * features)
-  product = _transposed_product(x.reshape(-1, channels), stacked, precision)
-  return product.reshape(channels, kh_size, kw_size, features).transpose(1, 2, 0, 3)
+  (pt, _), (pl, _) = padding
+  batch, height, width, _ = x.shape
+  out_height, out_width = grad.shape[1:3]
+  # Margins of the gradient: every tap's column j + pl - kw*dw + left stays in one row of
+  # `row_width`, and every tap's row i + pt - kh*dh + top in the padded rows.
+  left = max(0, (kw_size - 1) * dw - pl)
+  row_width = max(width + pl + left, left + out_width)
+  top = max(0, (kh_size - 1) * dh - pt)
+  # (one more row where the last tap's run ends past its last row's start)
+  bottom = max(0, height + pt - out_height + (1 if left + pl else 0))
+  grad_rows = top + out_height + bottom
+  grad_flat = jnp.pad(grad, ((0, 0), (top, bottom), (left, row_width - left - out_width),
+                             (0, 0))).reshape(batch, grad_rows * row_width, features)
+  rows = height * row_width
+  x_flat = jnp.pad(x, ((0, 0), (0, 0), (0, row_width - width), (0, 0))).reshape(
+      batch * rows, channels)
+  # x^T with the transpose kept: YNNPACK, not Eigen, takes the products (see
+  # `_transposed_product`); one transpose serves every tap.
+  x_transposed = lax.optimization_barrier(x_flat.T)
+  taps = []
+  for kh in range(kh_size):
+    for kw in range(kw_size):
+      offset = (top + pt - kh * dh) * row_width + left + pl - kw * dw
+      shifted = lax.slice(grad_flat, (0, offset, 0), (batch, offset + rows, features))
+      taps.append(jnp.dot(x_transposed, shifted.reshape(batch * rows, features),
+                          precision=precision))
+  return jnp.stack(taps).reshape(kh_size, kw_size, channels, features)
 
 
 # ----------------------------------------------------------------------------- dispatch
