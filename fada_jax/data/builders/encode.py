@@ -98,7 +98,8 @@ def encode_example(source: sources_lib.FolderSource, index: int,
     train_ids = np.asarray(Image.fromarray(train_ids).resize((width, height), Image.NEAREST))
   if uncompressed:
     image_bytes = encode_raw(sources_lib.read_image(image_path))
-  return {"image": image_bytes, "label": encode_label(train_ids, uncompressed), "name": source.names[index],
+  return {"image": image_bytes, "label": encode_label(train_ids, uncompressed),
+          "name": source.names[index],
           "classes": present_classes(train_ids, source.num_classes)}
 
 
