@@ -4,10 +4,10 @@ On XLA:CPU (jaxlib 0.10, whose convolutions and products run on YNNPACK), 1x1 an
 narrow convolutions run up to 3x faster as matrix products, forward and backward, and the
 kernel gradients of stride-1 convolutions as one product per tap 2-3x faster than XLA's
 (which computes dW by another convolution in which the batch and spatial axes play the
-window, down to a tiny [KH, KW, C, O] output); XLA's own convolution gradients win for strided
-and widening convolutions. GPUs and TPUs run convolutions and their gradients on kernels
-built for them (cuDNN, XLA:TPU), where the rewrites would only add slices, pads and
-copies. So the rewrites below are switched by backend, with one setting:
+window, down to a tiny [KH, KW, C, O] output); XLA's own convolution gradients win for
+strided and widening convolutions. GPUs and TPUs run convolutions and their gradients on
+kernels built for them (cuDNN, XLA:TPU), where the rewrites would only add slices, pads
+and copies. So the rewrites below are switched by backend, with one setting:
 `config.model.matmul_convs` in {'auto', 'on', 'off'}, 'auto' = on for CPU only.
 
 When on, every flax `nn.Conv` applied inside `use_matmul_convs()` (training and
@@ -140,12 +140,17 @@ def conv_rule(kernel_shape, strides, padding, rhs_dilation) -> str:
 # ----------------------------------------------------------------------------- the forms
 
 
+def _kept_transpose(a):
+  """a^T for a row-major [rows, m], kept as a copy for the products that take it. XLA:CPU
+  gives a product that contracts its left operand's leading axis to Eigen, whose thread
+  pool then competes with YNNPACK's for the cores; with the transpose kept (an
+  optimisation barrier stops XLA folding it into the product) YNNPACK takes it."""
+  return lax.optimization_barrier(a.T)
+
+
 def _transposed_product(a, b, precision):
-  """a^T b for row-major [rows, m] and [rows, n]. XLA:CPU gives a product that contracts
-  its left operand's leading axis to Eigen, whose thread pool then competes with
-  YNNPACK's for the cores; with the transpose kept (an optimisation barrier stops XLA
-  folding it into the product) YNNPACK takes it, transpose included."""
-  return jnp.dot(lax.optimization_barrier(a.T), b, precision=precision)
+  """a^T b for row-major [rows, m] and [rows, n], on YNNPACK (`_kept_transpose`)."""
+  return jnp.dot(_kept_transpose(a), b, precision=precision)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
@@ -249,9 +254,7 @@ def _kernel_grad(x, grad, kernel_shape, padding, rhs_dilation, precision):
   rows = height * row_width
   x_flat = jnp.pad(x, ((0, 0), (0, 0), (0, row_width - width), (0, 0))).reshape(
       batch * rows, channels)
-  # x^T with the transpose kept: YNNPACK, not Eigen, takes the products (see
-  # `_transposed_product`); one transpose serves every tap.
-  x_transposed = lax.optimization_barrier(x_flat.T)
+  x_transposed = _kept_transpose(x_flat)  # one transpose serves every tap
   taps = []
   for kh in range(kh_size):
     for kw in range(kw_size):
