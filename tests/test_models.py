@@ -23,7 +23,7 @@ from torch import nn as tnn
 import torch_reference
 from fada_jax import models
 from fada_jax.errors import UserError
-from fada_jax.models import heads, layers, resnet, vgg
+from fada_jax.models import conv_dispatch, heads, layers, resnet, vgg
 
 PARITY_TOL = 1e-4  # max |jax - torch| / max |torch|
 
@@ -318,6 +318,46 @@ def test_resnet_output_stride_and_channels():
         jnp.zeros((2, 96, 128, 3)))
     assert shapes.shape == (2, 12, 16, resnet.output_channels(depth, width))
   assert resnet.output_channels(101) == 2048 and resnet.output_channels(34) == 512
+
+
+@pytest.mark.parametrize("depth", [18, 50])  # basic blocks, bottlenecks
+def test_frozen_bn_folded_into_the_convs_on_the_product_path(depth):
+  """Inside use_matmul_convs() (the CPU's training and evaluation) each frozen BN is folded
+  into the conv before it: torch's features, the unfolded network's gradients, and no
+  activation multiplied by a per-channel vector in the forward pass."""
+  torch_model = torch_reference.randomize(torch_reference.ResNet(depth, 8), depth)
+  x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(depth))
+  with torch.no_grad():
+    want = torch_model(x)
+  model = resnet.ResNetFeatureExtractor(depth=depth, width=8)
+  variables = flax_variables(torch_model.state_dict(), resnet_rename)
+
+  def features(params, folded):
+    with conv_dispatch.use_matmul_convs(folded):
+      return model.apply({"params": params, "batch_stats": variables["batch_stats"]},
+                         nhwc(x), train=True)
+
+  def loss(params, folded):
+    out = features(params, folded)
+    return jnp.sum(out ** 2), out
+
+  run = jax.jit(jax.value_and_grad(loss, has_aux=True), static_argnums=1)
+  (_, folded_features), folded_grads = run(variables["params"], True)
+  (_, plain_features), plain_grads = run(variables["params"], False)
+  assert relative_error(folded_features, want) < PARITY_TOL
+  assert relative_error(plain_features, want) < PARITY_TOL
+  for (path, got), expected in zip(jax.tree_util.tree_leaves_with_path(folded_grads),
+                                   jax.tree_util.tree_leaves(plain_grads)):
+    # Frozen BN's own gradients are zero on both paths; the kernels' differ by rounding.
+    error = np.max(np.abs(np.asarray(got, np.float64) - expected))
+    assert error <= 1e-5 * np.max(np.abs(expected)), (jax.tree_util.keystr(path), error)
+
+  def activation_products(folded):  # the batch of 2 leads only activations' shapes
+    jaxpr = str(jax.make_jaxpr(features, static_argnums=1)(variables["params"], folded))
+    return len(re.findall(r"f32\[2,\d+,\d+,\d+\] = mul ", jaxpr))
+
+  assert activation_products(False) > 0
+  assert activation_products(True) == 0
 
 
 def test_vgg16_matches_torch():

@@ -57,6 +57,15 @@ def conv(features: int, kernel: int, *, stride: int = 1, dilation: int = 1,
                  kernel_init=kernel_init, name=name, **kwargs)
 
 
+def frozen_affine(scale, bias, mean, var) -> Tuple[jax.Array, jax.Array]:
+  """A frozen BatchNorm's map y = x * multiplier + shift, per channel, with no gradient to
+  its variables: multiplier = scale * rsqrt(var) (no epsilon),
+  shift = bias - mean * multiplier."""
+  scale, bias, mean, var = (jax.lax.stop_gradient(v) for v in (scale, bias, mean, var))
+  multiplier = scale * jax.lax.rsqrt(var)
+  return multiplier, bias - mean * multiplier
+
+
 class BatchNorm(nn.Module):
   """Batch norm over the channel (last) axis with torch's variables and semantics.
 
@@ -88,10 +97,7 @@ class BatchNorm(nn.Module):
     dtype = compute_dtype(self.dtype)
 
     if self.frozen:
-      scale = jax.lax.stop_gradient(scale)
-      bias = jax.lax.stop_gradient(bias)
-      multiplier = scale * jax.lax.rsqrt(running_var.value)
-      shift = bias - running_mean.value * multiplier
+      multiplier, shift = frozen_affine(scale, bias, running_mean.value, running_var.value)
       return x.astype(dtype) * multiplier.astype(dtype) + shift.astype(dtype)
 
     if self.use_running_average:
