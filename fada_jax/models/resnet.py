@@ -50,7 +50,7 @@ def conv_norm(module: nn.Module, conv: nn.Conv, norm: layers.BatchNorm, x: jax.A
   and target passes and the input gradient share that broadcast; XLA:CPU's YNNPACK fusions
   take in a broadcast only where it has one user, so here it was materialised and kept
   from the forward pass to the backward pass: folded, the stage-2 step's temporary at
-  512x256 falls from 2.61 to 2.39 GiB (README, "Training step on CPU").
+  512x256 falls from 2.61 to 2.39 GiB (README, Benchmarks).
   """
   if not (norm.frozen and conv_dispatch.active()) or module.is_initializing():
     out = conv(x)
