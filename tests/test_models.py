@@ -320,11 +320,11 @@ def test_resnet_output_stride_and_channels():
   assert resnet.output_channels(101) == 2048 and resnet.output_channels(34) == 512
 
 
-@pytest.mark.parametrize("depth", [18, 50])  # basic blocks, bottlenecks
-def test_frozen_bn_folded_into_the_convs_on_the_product_path(depth):
+def test_frozen_bn_folded_into_the_convs_on_the_product_path(depth=18):
   """Inside use_matmul_convs() (the CPU's training and evaluation) each frozen BN is folded
   into the conv before it: torch's features, the unfolded network's gradients, and no
-  activation multiplied by a per-channel vector in the forward pass."""
+  activation multiplied by a per-channel vector in the forward pass. (Bottlenecks, scanned
+  or not: test_resnet_scan's matmul test compares them folded with the unfolded blocks.)"""
   torch_model = torch_reference.randomize(torch_reference.ResNet(depth, 8), depth)
   x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(depth))
   with torch.no_grad():
