@@ -320,16 +320,16 @@ def test_resnet_output_stride_and_channels():
   assert resnet.output_channels(101) == 2048 and resnet.output_channels(34) == 512
 
 
-def test_frozen_bn_folded_into_the_convs_on_the_product_path(depth=18):
+def test_frozen_bn_folded_into_the_convs_on_the_product_path():
   """Inside use_matmul_convs() (the CPU's training and evaluation) each frozen BN is folded
   into the conv before it: torch's features, the unfolded network's gradients, and no
   activation multiplied by a per-channel vector in the forward pass. (Bottlenecks, scanned
   or not: test_resnet_scan's matmul test compares them folded with the unfolded blocks.)"""
-  torch_model = torch_reference.randomize(torch_reference.ResNet(depth, 8), depth)
-  x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(depth))
+  torch_model = torch_reference.randomize(torch_reference.ResNet(18, 8), 18)
+  x = torch.randn(2, 3, 40, 48, generator=torch.Generator().manual_seed(18))
   with torch.no_grad():
     want = torch_model(x)
-  model = resnet.ResNetFeatureExtractor(depth=depth, width=8)
+  model = resnet.ResNetFeatureExtractor(depth=18, width=8)
   variables = flax_variables(torch_model.state_dict(), resnet_rename)
 
   def features(params, folded):
